@@ -1,0 +1,256 @@
+"""wmss.fused_loss: the loss, every gradient and every statistic against the float64 truth."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKENDS, DEVICE, FAST_BACKENDS, TOLERANCE, assert_close, make_inputs
+from oracle import truth
+
+import wmss
+
+STAT_FIELDS = ("entropy_strong", "entropy_weak", "logprob_strong", "logprob_weak", "logprob_mix")
+# Statistics can be ~0 everywhere (near one-hot distributions); float32 resolves ~1e-7 of them.
+STAT_ATOL = 1e-6
+
+OPTIONS = {
+    "paper": dict(),
+    "lam-bias-softcap": dict(lam=0.2, softcap=4.0, bias=True),
+    "gap-masking": dict(lam=0.7, gap_threshold=0.05),
+    "everything": dict(lam=0.35, softcap=6.0, bias=True, gap_threshold=0.0),
+}
+
+
+def run(inputs, labels, backend, **options):
+    """fused_loss on fresh copies of the leaves; returns (loss, stats, grads by name)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    loss, stats = wmss.fused_loss(**leaves, labels=labels, backend=backend, return_stats=True,
+                                  **options)
+    if loss.requires_grad:
+        loss.sum().backward()
+    return loss, stats, {k: v.grad for k, v in leaves.items()}
+
+
+def check_against_truth(inputs, labels, backend, dtype, upstream=None, **options):
+    expected = truth(inputs, labels, upstream=upstream,
+                     **{k: options[k] for k in ("lam", "softcap", "gap_threshold", "train_weak",
+                                                "ignore_index") if k in options})
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    loss, stats = wmss.fused_loss(**leaves, labels=labels, backend=backend, return_stats=True,
+                                  reduction="none", **options)
+    assert loss.dtype == torch.float32 and loss.shape == labels.shape
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+    tol = TOLERANCE[dtype]
+    assert_close(loss.reshape(-1), expected.loss, tol, "per-token loss")
+    for name in STAT_FIELDS:
+        got = getattr(stats, name)
+        assert got.dtype == torch.float32 and got.shape == labels.shape
+        assert_close(got.reshape(-1), getattr(expected, name), tol, name, atol=STAT_ATOL)
+    assert torch.equal(stats.mixed.reshape(-1).cpu(), expected.mixed.cpu())
+    for name, leaf in leaves.items():
+        want = expected.grads.get(name)
+        if want is None:
+            assert leaf.grad is None, f"{name} got a gradient"
+            continue
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+        assert_close(leaf.grad, want, tol, f"d loss / d {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_gradients_and_stats_match_float64(backend, options, dtype):
+    options = dict(options)
+    inputs, labels = make_inputs(dtype=dtype, bias=options.pop("bias", False))
+    upstream = torch.rand(labels.shape, device=DEVICE)  # per-token upstream gradients
+    check_against_truth(inputs, labels, backend, dtype, upstream=upstream, **options)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_float16_matches_float64(backend):
+    inputs, labels = make_inputs(dtype=torch.float16, bias=True)
+    check_against_truth(inputs, labels, backend, torch.float16, softcap=5.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_sum_and_num_items_reductions(backend):
+    inputs, labels = make_inputs()
+    expected = truth(inputs, labels)
+    count = int((labels != -100).sum())
+    cases = {
+        "mean": (dict(reduction="mean"), count),
+        "sum": (dict(reduction="sum"), 1),
+        "num_items int": (dict(num_items_in_batch=3 * count), 3 * count),
+        "num_items tensor": (dict(num_items_in_batch=torch.tensor(2 * count, device=DEVICE)),
+                             2 * count),
+    }
+    for what, (options, denominator) in cases.items():
+        loss, _, grads = run(inputs, labels, backend, **options)
+        assert loss.shape == () and loss.dtype == torch.float32, what
+        assert math.isclose(loss.item(), expected.loss.sum().item() / denominator,
+                            rel_tol=1e-5), what
+        for name, grad in grads.items():
+            assert_close(grad, expected.grads[name] / denominator, 1e-5, f"{what}: {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lam_one_and_zero_are_plain_cross_entropy(backend):
+    inputs, labels = make_inputs()
+    for lam, model, other in ((1.0, "strong", "weak"), (0.0, "weak", "strong")):
+        h = inputs[f"{model}_hidden"].detach().double()
+        w = inputs[f"{model}_weight"].detach().double()
+        ce = F.cross_entropy((h @ w.T).reshape(-1, w.shape[0]), labels.reshape(-1))
+        loss, stats, grads = run(inputs, labels, backend, lam=lam)
+        assert math.isclose(loss.item(), ce.item(), rel_tol=1e-5)
+        assert grads[f"{other}_hidden"].abs().max() == 0
+        assert grads[f"{other}_weight"].abs().max() == 0
+        supervised = labels != -100
+        assert_close(stats.logprob_mix[supervised],
+                     getattr(stats, f"logprob_{model}")[supervised], 1e-6, "logprob_mix")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_models_are_plain_cross_entropy_for_any_lam(backend):
+    inputs, labels = make_inputs(d_weak=48)
+    inputs["weak_hidden"], inputs["weak_weight"] = inputs["strong_hidden"], inputs["strong_weight"]
+    h = inputs["strong_hidden"].detach().double().reshape(-1, 48)
+    ce = F.cross_entropy(h @ inputs["strong_weight"].detach().double().T, labels.reshape(-1))
+    for lam in (0.1, 0.5, 0.9):
+        loss, stats, _ = run(inputs, labels, backend, lam=lam)
+        assert math.isclose(loss.item(), ce.item(), rel_tol=1e-5)
+        assert_close(stats.entropy_weak, stats.entropy_strong, 1e-6, "entropies")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_batch_gives_zero_loss_and_zero_gradients(backend, reduction):
+    inputs, labels = make_inputs(ignored=1.0)
+    loss, stats, grads = run(inputs, labels, backend, reduction=reduction, gap_threshold=0.1)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for name, grad in grads.items():
+        assert grad is None or torch.equal(grad, torch.zeros_like(grad)), name
+    for name in STAT_FIELDS:
+        assert getattr(stats, name).abs().max() == 0
+    assert not stats.mixed.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend):
+    """|z| ~ 1e4 with exactly representable inputs (integers, lam = 1/4), so float32 logits and
+    their mixture are exact and the float32 tolerance applies to everything computed from them:
+    peaked distributions, and a large common offset (+1e4 strong, -1e4 weak)."""
+    shape, vocab, d = (2, 19), 300, 40
+    for offset in (0.0, 1.0e4):
+        inputs = {
+            "strong_hidden": torch.randint(-1, 2, (*shape, d), device=DEVICE).float(),
+            "strong_weight": torch.randint(-300, 301, (vocab, d), device=DEVICE).float(),
+            "weak_hidden": torch.randint(-1, 2, (*shape, d), device=DEVICE).float(),
+            "weak_weight": torch.randint(-3, 4, (vocab, d), device=DEVICE).float(),
+            "strong_bias": torch.full((vocab,), offset, device=DEVICE),
+            "weak_bias": torch.full((vocab,), -offset, device=DEVICE),
+        }
+        labels = torch.randint(0, vocab, shape, device=DEVICE)
+        labels[0, :3] = -100
+        check_against_truth(inputs, labels, backend, torch.float32, lam=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weak_model_gets_no_gradient_and_strong_is_unchanged(backend):
+    inputs, labels = make_inputs(bias=True)
+    _, _, trained = run(inputs, labels, backend)
+    _, _, frozen = run(inputs, labels, backend, train_weak=False)
+    for name in ("weak_hidden", "weak_weight", "weak_bias"):
+        assert frozen[name] is None
+    for name in ("strong_hidden", "strong_weight", "strong_bias"):
+        assert_close(frozen[name], trained[name], 1e-6, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gap_threshold_extremes(backend):
+    """+inf sends every token to plain strong CE (weak untouched); -inf mixes every token."""
+    inputs, labels = make_inputs()
+    paper, paper_stats, paper_grads = run(inputs, labels, backend)
+    everything, _, everything_grads = run(inputs, labels, backend, gap_threshold=-math.inf)
+    assert math.isclose(everything.item(), paper.item(), rel_tol=1e-6)
+    for name in paper_grads:
+        assert_close(everything_grads[name], paper_grads[name], 1e-6, name)
+
+    nothing, stats, grads = run(inputs, labels, backend, gap_threshold=math.inf)
+    supervised = labels != -100
+    assert not stats.mixed.any()
+    strong_ce = -paper_stats.logprob_strong[supervised].mean()
+    assert math.isclose(nothing.item(), strong_ce.item(), rel_tol=1e-5)
+    assert grads["weak_hidden"].abs().max() == 0 and grads["weak_weight"].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_requested_gradients_are_computed(backend):
+    inputs, labels = make_inputs(bias=True)
+    expected = truth(inputs, labels)
+    count = (labels != -100).sum()
+    for wanted in (["strong_hidden"], ["weak_weight", "strong_bias"], ["weak_bias"]):
+        leaves = {k: v.detach().clone().requires_grad_(k in wanted) for k, v in inputs.items()}
+        wmss.fused_loss(**leaves, labels=labels, backend=backend).backward()
+        for name, leaf in leaves.items():
+            if name in wanted:
+                assert_close(leaf.grad, expected.grads[name] / count, 1e-5, name)
+            else:
+                assert leaf.grad is None
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_autocast_casts_like_linear_and_returns_float32_gradients(backend):
+    """HF Trainer's bf16=True: float32 weights, hidden states and the head run in bf16."""
+    inputs, labels = make_inputs(dtype=torch.float32)
+    cast = {k: v.detach().to(torch.bfloat16) for k, v in inputs.items()}
+    expected = truth(cast, labels)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = wmss.fused_loss(**leaves, labels=labels, backend=backend, reduction="sum")
+    loss.backward()
+    assert math.isclose(loss.item(), expected.loss.sum().item(), rel_tol=1e-2)
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == torch.float32
+        assert_close(leaf.grad, expected.grads[name], 1e-2, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_and_custom_ignore_index(backend):
+    inputs, labels = make_inputs(ignored=0.0)
+    labels[labels == 7] = 8
+    labels[:, :2] = 7
+    expected = truth(inputs, labels, ignore_index=7)
+    loss, stats, _ = run(inputs, labels.int(), backend, ignore_index=7, reduction="sum")
+    assert math.isclose(loss.item(), expected.loss.sum().item(), rel_tol=1e-5)
+    assert not stats.mixed[:, :2].any() and stats.mixed[:, 2:].all()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_results_are_deterministic(backend):
+    inputs, labels = make_inputs(bias=True)
+    first, _, first_grads = run(inputs, labels, backend, gap_threshold=0.0)
+    second, _, second_grads = run(inputs, labels, backend, gap_threshold=0.0)
+    assert torch.equal(first, second)
+    for name in first_grads:
+        assert torch.equal(first_grads[name], second_grads[name]), name
+
+
+def test_module_face_equals_function():
+    inputs, labels = make_inputs()
+    criterion = wmss.FusedWMSSLoss(lam=0.3, softcap=5.0, reduction="sum")
+    assert "lam=0.3" in repr(criterion)
+    direct = wmss.fused_loss(**inputs, labels=labels, lam=0.3, softcap=5.0, reduction="sum")
+    via_module = criterion(inputs["strong_hidden"], inputs["strong_weight"],
+                           inputs["weak_hidden"], inputs["weak_weight"], labels)
+    assert torch.equal(direct, via_module)
+
+
+def test_no_grad_forward_and_empty_input():
+    inputs, labels = make_inputs()
+    with torch.no_grad():
+        loss = wmss.fused_loss(**inputs, labels=labels)
+    assert not loss.requires_grad
+    empty, empty_labels = make_inputs(shape=(0,))
+    assert wmss.fused_loss(**empty, labels=empty_labels).item() == 0.0
+    assert wmss.fused_loss(**empty, labels=empty_labels, reduction="none").shape == (0,)

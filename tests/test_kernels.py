@@ -1,0 +1,113 @@
+"""The launchers of ``wmss_kernels`` and the torch engine under every decomposition of the work.
+
+The public API picks tile shapes, vocabulary splits and token chunks itself; these tests force
+each of them (tiny tiles, many splits, many chunks, ragged edges) and compare with float64.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, TRITON_AVAILABLE, assert_close, make_inputs
+from oracle import truth
+
+from wmss.torch_backend import TorchEngine
+from wmss.validation import MixedLossSpec
+from wmss_kernels import GradRequest
+from wmss_kernels.config import Tiles
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+ALL = GradRequest(True, True, True)
+SPEC = MixedLossSpec(lam=0.3, softcap=8.0, gap_threshold=0.0, ignore_index=-100)
+
+
+def flat_inputs(dtype=torch.float32, shape=(5, 23), vocab=333, d_strong=72, d_weak=40):
+    inputs, labels = make_inputs(shape=shape, vocab=vocab, d_strong=d_strong, d_weak=d_weak,
+                                 dtype=dtype, bias=True)
+    args = [inputs["strong_hidden"].detach().reshape(-1, d_strong),
+            inputs["strong_weight"].detach(), inputs["strong_bias"].detach(),
+            inputs["weak_hidden"].detach().reshape(-1, d_weak), inputs["weak_weight"].detach(),
+            inputs["weak_bias"].detach()]
+    return inputs, labels, args
+
+
+def upstream_coefficients(stats, labels):
+    """A random per-token upstream gradient, split into mixed and plain-strong parts."""
+    upstream = torch.rand(labels.numel(), device=DEVICE) * (labels.reshape(-1) != -100)
+    coef_mix = torch.where(stats.mixed, upstream, 0.0)
+    coef_strong = torch.where(stats.mixed, 0.0, upstream)
+    return upstream, coef_mix, coef_strong
+
+
+def check(stats, grads, inputs, labels, upstream, tol):
+    expected = truth(inputs, labels, lam=SPEC.lam, softcap=SPEC.softcap,
+                     gap_threshold=SPEC.gap_threshold, upstream=upstream)
+    assert_close(stats.loss, expected.loss, tol, "loss")
+    assert_close(stats.entropy_strong, expected.entropy_strong, tol, "entropy_strong", atol=1e-6)
+    assert_close(stats.entropy_weak, expected.entropy_weak, tol, "entropy_weak", atol=1e-6)
+    assert_close(stats.logprob_mix, expected.logprob_mix, tol, "logprob_mix", atol=1e-6)
+    assert torch.equal(stats.mixed.cpu(), expected.mixed.cpu())
+    strong, weak = grads
+    names = ["strong_hidden", "strong_weight", "strong_bias", "weak_hidden", "weak_weight",
+             "weak_bias"]
+    for name, got in zip(names, [*strong, *weak]):
+        want = expected.grads[name]
+        assert_close(got.reshape(want.shape), want, tol, name)
+
+
+needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("tiles, num_splits, chunk_tokens", [
+    (Tiles(16, 16, 16, num_warps=4), 7, 16),     # many tiny tiles, uneven splits, many chunks
+    (Tiles(32, 64, 32, num_warps=4), 2, 48),     # chunks that are not a multiple of the tile
+    (Tiles(64, 128, 64), None, None),            # the GPU tiles and automatic choices
+    (Tiles(16, 256, 128, num_warps=4), 1, 10**6),  # one split; one chunk holding every token
+])
+def test_triton_launchers_under_every_decomposition(tiles, num_splits, chunk_tokens):
+    from wmss_kernels import mixed_ce_backward, mixed_token_stats
+
+    inputs, labels, args = flat_inputs()
+    flat_labels = labels.reshape(-1)
+    stats = mixed_token_stats(*args, flat_labels, lam=SPEC.lam, softcap=SPEC.softcap,
+                              gap_threshold=SPEC.gap_threshold, ignore_index=-100, tiles=tiles,
+                              num_splits=num_splits)
+    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
+    vocab = args[1].shape[0]
+    chunk_bytes = (chunk_tokens or 10**9) * vocab * 4 * 2
+    grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
+                              stats.max_mix, stats.logsum_mix, coef_mix, coef_strong,
+                              lam=SPEC.lam, softcap=SPEC.softcap, strong_request=ALL,
+                              weak_request=ALL, tiles=tiles, chunk_bytes=chunk_bytes)
+    check(stats, grads, inputs, labels, upstream, 1e-5)
+
+
+@pytest.mark.parametrize("token_block, vocab_block", [(7, 50), (16, 333), (1000, 64)])
+def test_torch_engine_under_every_block_shape(token_block, vocab_block):
+    engine = TorchEngine(token_block=token_block, vocab_block=vocab_block)
+    inputs, labels, args = flat_inputs()
+    flat_labels = labels.reshape(-1)
+    stats = engine.mixed_forward(*args, flat_labels, SPEC)
+    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
+    grads = engine.mixed_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
+                                  stats.max_mix, stats.logsum_mix, coef_mix, coef_strong, SPEC,
+                                  ALL, ALL)
+    check(stats, grads, inputs, labels, upstream, 1e-5)
+
+
+@needs_triton
+def test_backward_skips_the_weak_products_when_nothing_weak_is_requested():
+    from wmss_kernels import mixed_ce_backward, mixed_token_stats
+
+    inputs, labels, args = flat_inputs()
+    flat_labels = labels.reshape(-1)
+    stats = mixed_token_stats(*args, flat_labels, lam=SPEC.lam, softcap=SPEC.softcap,
+                              gap_threshold=None, ignore_index=-100)
+    coef = (flat_labels != -100).float()
+    none = GradRequest(False, False, False)
+    strong, weak = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
+                                     stats.max_mix, stats.logsum_mix, coef, None, lam=SPEC.lam,
+                                     softcap=SPEC.softcap, strong_request=GradRequest(False, True, False),
+                                     weak_request=none)
+    assert strong.hidden is None and strong.bias is None and strong.weight is not None
+    assert weak == (None, None, None)

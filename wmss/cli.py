@@ -1,0 +1,38 @@
+"""The ``wmss`` command: ``wmss demo | select | train | bench`` (each with ``--help``).
+
+Each subcommand lives in ``wmss/commands/<name>.py`` and provides ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# name -> one-line description; the implementation is wmss.commands.<name>.
+COMMANDS = {
+    "demo": "built-in end-to-end demo on a tiny model (CPU, a few minutes, nothing to download)",
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wmss", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, summary in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=summary, description=summary)
+        if name == wanted:  # import only the command that runs (or whose --help is asked)
+            importlib.import_module(f"wmss.commands.{name}").add_arguments(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return importlib.import_module(f"wmss.commands.{args.command}").run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``wmss`` command line (see ``wmss.cli``)."""

@@ -1,0 +1,237 @@
+"""The ``torch`` backend: the fused algorithm in chunked PyTorch, for CPUs (and any device).
+
+It computes exactly what the Triton kernels compute, block by block: the vocabulary is cut into
+``vocab_block`` columns and the tokens into ``token_block`` rows; each ``[token_block,
+vocab_block]`` logit block is folded into online statistics (running max ``m``, ``s = sum e^(z-m)``
+and ``t = sum e^(z-m) (z-m)``, see ``wmss_kernels/logit_tiles.py``) and then dropped. The backward
+recomputes each block and accumulates the gradients in float32.
+
+Memory bound: besides the inputs, the O(N) statistics and the gradients themselves (float32
+accumulators of the requested gradients), a handful of ``[token_block, vocab_block]`` blocks
+(computed in place where possible; about ten live at the peak, counting the matrix library's own
+scratch): ~20 MiB at the defaults, whatever ``N`` and ``V``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from wmss_kernels.config import MASKED_LOGIT
+from wmss_kernels.results import GradRequest, MixedTokenStats, ModelGrads, SingleTokenStats
+
+from .reference import compute_dtype
+from .validation import MixedLossSpec
+
+# Block shape of the logits held at once. 256 x 2048 float32 is 2 MiB per block: large enough
+# for efficient matrix products on a CPU, small next to any realistic [N, V].
+TOKEN_BLOCK = 256
+VOCAB_BLOCK = 2048
+
+
+class _Head:
+    """One model's ``(hidden [N, d], weight [V, d], bias [V] | None)`` and its logit blocks."""
+
+    def __init__(self, hidden, weight, bias, softcap: Optional[float]):
+        self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
+        self.dtype = compute_dtype(hidden.dtype)
+
+    def weight_block(self, vocab: slice):
+        w = self.weight[vocab].to(self.dtype)
+        b = None if self.bias is None else self.bias[vocab].to(self.dtype)
+        return w, b
+
+    def logits(self, tokens: slice, w, b) -> torch.Tensor:
+        """``softcap(h[tokens] @ w^T + b)`` in the compute dtype; ``w``, ``b`` from weight_block."""
+        h = self.hidden[tokens].to(self.dtype)
+        z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+class _Online:
+    """Running ``(m, s, t)`` and target logit of one distribution, per token; see module doc."""
+
+    def __init__(self, num_tokens: int, device, dtype, with_entropy: bool = True):
+        self.m = torch.full((num_tokens,), MASKED_LOGIT, device=device, dtype=dtype)
+        self.s = torch.zeros(num_tokens, device=device, dtype=dtype)
+        self.t = torch.zeros(num_tokens, device=device, dtype=dtype) if with_entropy else None
+        self.target = torch.zeros(num_tokens, device=device, dtype=dtype)
+
+    def consume(self, tokens: slice, z: torch.Tensor, targets: "_Targets") -> None:
+        """Fold the block ``z`` ``[tokens, vocab block]`` in; ``z`` is overwritten (no copies)."""
+        m, s = self.m[tokens], self.s[tokens]
+        self.target[tokens] += targets.pick(z)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        alpha = torch.exp(m - m_new)
+        shifted = z.sub_(m_new[:, None])
+        e = shifted.exp()
+        if self.t is not None:
+            t = self.t[tokens]
+            # sum_v e * shifted per row, as a batched dot product (no [tokens, vocab] temporary).
+            t_block = (e.unsqueeze(1) @ shifted.unsqueeze(2)).view(-1)
+            t.copy_(alpha * (t + (m - m_new) * s) + t_block)
+        s.copy_(s * alpha + e.sum(dim=1))
+        m.copy_(m_new)
+
+    def logprob_target(self) -> torch.Tensor:
+        # (z[y] - m) is exact near the max; keep it apart from log s (see MixedTokenStats).
+        return (self.target - self.m) - self.s.log()
+
+    def entropy(self) -> torch.Tensor:
+        return self.s.log() - self.t / self.s
+
+
+class _Targets:
+    """Where the labels of a token block fall inside a vocabulary block (sync-free gathers)."""
+
+    def __init__(self, labels: torch.Tensor, tokens: slice, vocab: slice):
+        y = labels[tokens]
+        self.inside = (y >= vocab.start) & (y < vocab.stop)
+        self.columns = (y - vocab.start).clamp(0, vocab.stop - vocab.start - 1).unsqueeze(1)
+
+    def pick(self, z: torch.Tensor) -> torch.Tensor:
+        """``z[n, y_n]`` for rows whose target is in the block, 0 elsewhere: ``[tokens]``."""
+        return torch.where(self.inside, z.gather(1, self.columns).squeeze(1), 0.0)
+
+    def subtract_onehot_(self, p: torch.Tensor) -> torch.Tensor:
+        """``p - onehot(y)`` in place."""
+        return p.scatter_add_(1, self.columns, -self.inside.to(p.dtype).unsqueeze(1))
+
+
+def _softcap_derivative_(z: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``1 - (z / c)^2``, the derivative of ``c tanh(a / c)`` written in its output; in place."""
+    return z.div_(softcap).square_().neg_().add_(1.0)
+
+
+class TorchEngine:
+    """Chunked PyTorch implementation of the three operations every backend engine provides."""
+
+    def __init__(self, token_block: int = TOKEN_BLOCK, vocab_block: int = VOCAB_BLOCK):
+        if token_block < 1 or vocab_block < 1:
+            raise ValueError("token_block and vocab_block must be positive")
+        self.token_block, self.vocab_block = token_block, vocab_block
+
+    def _blocks(self, num_tokens: int, vocab: int):
+        """(vocab slice, token slice) pairs; the vocabulary is the outer loop so each weight block
+        is cast once."""
+        for v0 in range(0, vocab, self.vocab_block):
+            vocab_slice = slice(v0, min(v0 + self.vocab_block, vocab))
+            for n0 in range(0, num_tokens, self.token_block):
+                yield vocab_slice, slice(n0, min(n0 + self.token_block, num_tokens))
+
+    @torch.no_grad()
+    def mixed_forward(self, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
+                      weak_bias, labels, spec: MixedLossSpec) -> MixedTokenStats:
+        strong = _Head(strong_hidden, strong_weight, strong_bias, spec.softcap)
+        weak = _Head(weak_hidden, weak_weight, weak_bias, spec.softcap)
+        num_tokens, vocab, device = labels.shape[0], strong_weight.shape[0], labels.device
+        dtype = torch.promote_types(strong.dtype, weak.dtype)
+        acc_s, acc_w = _Online(num_tokens, device, dtype), _Online(num_tokens, device, dtype)
+        acc_m = _Online(num_tokens, device, dtype, with_entropy=False)
+        current, weights = None, None
+        for vocab_slice, tokens in self._blocks(num_tokens, vocab):
+            if vocab_slice != current:
+                current = vocab_slice
+                weights = strong.weight_block(vocab_slice), weak.weight_block(vocab_slice)
+            targets = _Targets(labels, tokens, vocab_slice)
+            z_s = strong.logits(tokens, *weights[0]).to(dtype)
+            z_w = weak.logits(tokens, *weights[1]).to(dtype)
+            acc_m.consume(tokens, torch.lerp(z_w, z_s, spec.lam), targets)
+            acc_s.consume(tokens, z_s, targets)
+            acc_w.consume(tokens, z_w, targets)
+
+        supervised = labels != spec.ignore_index
+        h_s, h_w = acc_s.entropy(), acc_w.entropy()
+        logp_s, logp_w, logp_m = (a.logprob_target() for a in (acc_s, acc_w, acc_m))
+        mixed = supervised.clone()
+        if spec.gap_threshold is not None:
+            mixed &= (h_w - h_s) >= spec.gap_threshold
+        zero = torch.zeros((), device=device, dtype=dtype)
+        loss = torch.where(mixed, -logp_m, torch.where(supervised, -logp_s, zero))
+
+        def stat(x):
+            return torch.where(supervised, x, zero).float()
+
+        return MixedTokenStats(loss.float(), acc_s.m.float(), acc_s.s.log().float(),
+                               acc_m.m.float(), acc_m.s.log().float(), stat(h_s), stat(h_w),
+                               stat(logp_s), stat(logp_w), stat(logp_m), mixed)
+
+    @torch.no_grad()
+    def single_forward(self, hidden, weight, bias, labels, softcap: Optional[float],
+                       ignore_index: int) -> SingleTokenStats:
+        head = _Head(hidden, weight, bias, softcap)
+        num_tokens = labels.shape[0]
+        acc = _Online(num_tokens, labels.device, head.dtype)
+        current, block = None, None
+        for vocab_slice, tokens in self._blocks(num_tokens, weight.shape[0]):
+            if vocab_slice != current:
+                current, block = vocab_slice, head.weight_block(vocab_slice)
+            acc.consume(tokens, head.logits(tokens, *block), _Targets(labels, tokens, vocab_slice))
+        supervised = labels != ignore_index
+        zero = torch.zeros((), device=labels.device, dtype=head.dtype)
+        return SingleTokenStats(torch.where(supervised, acc.entropy(), zero).float(),
+                                (acc.m + acc.s.log()).float(),
+                                torch.where(supervised, acc.logprob_target(), zero).float())
+
+    @torch.no_grad()
+    def mixed_backward(self, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
+                       weak_bias, labels, max_strong, logsum_strong, max_mix, logsum_mix,
+                       coef_mix, coef_strong, spec: MixedLossSpec, strong_request: GradRequest,
+                       weak_request: GradRequest) -> tuple[ModelGrads, ModelGrads]:
+        """Gradients of ``sum_n c_n loss_n``; arguments as in ``wmss_kernels.mixed_ce_backward``."""
+        strong = _Head(strong_hidden, strong_weight, strong_bias, spec.softcap)
+        weak = _Head(weak_hidden, weak_weight, weak_bias, spec.softcap)
+        lam, softcap = spec.lam, spec.softcap
+        num_tokens, vocab = labels.shape[0], strong_weight.shape[0]
+
+        def accumulators(head, request):  # float32 (float64 for float64 inputs)
+            def zeros(shape, needed):
+                return torch.zeros(shape, device=labels.device, dtype=head.dtype) if needed else None
+            return ModelGrads(zeros(head.hidden.shape, request.hidden),
+                              zeros(head.weight.shape, request.weight),
+                              zeros(head.weight.shape[:1], request.bias))
+
+        grads_s, grads_w = accumulators(strong, strong_request), accumulators(weak, weak_request)
+        if not (strong_request.any or weak_request.any):
+            return grads_s, grads_w
+        current, weights = None, None
+        for vocab_slice, tokens in self._blocks(num_tokens, vocab):
+            if vocab_slice != current:
+                current = vocab_slice
+                weights = strong.weight_block(vocab_slice), weak.weight_block(vocab_slice)
+            targets = _Targets(labels, tokens, vocab_slice)
+            z_s = strong.logits(tokens, *weights[0])
+            z_w = weak.logits(tokens, *weights[1])
+            # g_mix = c_mix * (softmax(z_m) - onehot), built in place in the mixture's block.
+            g_mix = torch.lerp(z_w, z_s, lam)
+            g_mix.sub_(max_mix[tokens, None]).sub_(logsum_mix[tokens, None]).exp_()
+            targets.subtract_onehot_(g_mix).mul_(coef_mix[tokens, None])
+            if strong_request.any:
+                g_s = g_mix * lam
+                derivative = None if softcap is None else _softcap_derivative_(z_s.clone(), softcap)
+                if coef_strong is not None:
+                    p_s = z_s.sub_(max_strong[tokens, None]).sub_(logsum_strong[tokens, None]).exp_()
+                    g_s.add_(targets.subtract_onehot_(p_s).mul_(coef_strong[tokens, None]))
+                if derivative is not None:
+                    g_s.mul_(derivative)
+                self._accumulate(grads_s, strong, g_s, weights[0][0], tokens, vocab_slice)
+            if weak_request.any:
+                g_w = g_mix.mul_(1.0 - lam)
+                if softcap is not None:
+                    g_w.mul_(_softcap_derivative_(z_w, softcap))
+                self._accumulate(grads_w, weak, g_w, weights[1][0], tokens, vocab_slice)
+        return grads_s, grads_w
+
+    @staticmethod
+    def _accumulate(grads: ModelGrads, head: _Head, g: torch.Tensor, w: torch.Tensor,
+                    tokens: slice, vocab: slice) -> None:
+        """Add one block's contribution: dh += g w, dW += g^T h, db += sum g."""
+        if grads.hidden is not None:
+            grads.hidden[tokens].addmm_(g, w)
+        if grads.weight is not None:
+            grads.weight[vocab].addmm_(g.t(), head.hidden[tokens].to(head.dtype))
+        if grads.bias is not None:
+            grads.bias[vocab] += g.sum(dim=0)

@@ -1,0 +1,29 @@
+"""Triton kernels of wmss and their launchers (no autograd, no Hugging Face).
+
+* ``fused_stats``: forward statistics of one model or of the mixed pair, logits never materialised.
+* ``logit_grad``: backward, recomputing logit tiles and handing chunked logit gradients to cuBLAS.
+* ``logit_tiles``: the ``@triton.jit`` building blocks both share.
+* ``results``: the launchers' result types (plain PyTorch; the ``torch`` backend returns them too).
+* ``config``: every tile shape, launch setting and memory budget.
+
+Submodules that need Triton are imported on first use, so ``wmss_kernels.results`` and
+``wmss_kernels.config`` work on machines without Triton.
+"""
+
+import importlib
+
+from .results import GradRequest, MixedTokenStats, ModelGrads, SingleTokenStats
+
+_LAZY = {
+    "mixed_token_stats": "fused_stats",
+    "single_token_stats": "fused_stats",
+    "mixed_ce_backward": "logit_grad",
+}
+
+__all__ = ["GradRequest", "MixedTokenStats", "ModelGrads", "SingleTokenStats", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,93 @@
+"""Tile shapes, launch settings and memory budgets of the Triton kernels, kept in one place.
+
+Every number that shapes a launch lives here so that tuning on a new GPU touches one file. The
+values are starting points chosen for Hopper (H100/H200): 64x128 logit tiles fed by 64-wide slices
+of the hidden dimension keep the tensor cores busy while two fp32 accumulator tiles (strong and
+weak) still fit in registers at eight warps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's tile shape and launch settings.
+
+    block_n: tokens per tile; block_v: vocabulary entries per tile; block_d: hidden-dimension slice
+    fed to each ``tl.dot``. All three must be powers of two and at least 16 (``tl.dot``'s minimum).
+    """
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_v", "block_d"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+# Forward statistics: one program walks a token tile across a slice of the vocabulary.
+STATS_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
+# Backward: one program recomputes one (token tile, vocabulary tile) and writes its logit gradient.
+GRAD_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
+# Under TRITON_INTERPRET=1 every program runs serially in numpy: fewer, larger tiles run faster,
+# and the shapes in the tests are small, so the GPU tiles are kept (they are exercised as-is).
+
+# Token tiles per combine program (the combine of split-vocabulary partials is elementwise).
+COMBINE_BLOCK_N = 128
+
+# Aim for this many programs per streaming multiprocessor when splitting the vocabulary of the
+# forward statistics across programs (more splits: more parallelism, more partials to combine).
+STATS_PROGRAMS_PER_SM = 2
+# Upper bound on vocabulary splits (partials are [num_stats, splits, tokens] float32).
+MAX_VOCAB_SPLITS = 64
+
+# The backward materialises the logit gradient of a chunk of tokens, [chunk, V] per model, in the
+# compute dtype, and hands it to cuBLAS for the four gradient products. This budget bounds those
+# buffers (both models together); the chunk never drops below one token tile.
+GRAD_CHUNK_BYTES = 512 * 2**20
+
+# Finite stand-in for -inf on masked vocabulary columns: exp() of it underflows to exactly 0 and,
+# unlike -inf, multiplying it by 0 gives 0 (not NaN) in the online entropy sum.
+MASKED_LOGIT = -1.0e30
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def upcast_dot_operands() -> bool:
+    """Whether kernels must cast ``tl.dot`` operands to float32 before the product.
+
+    Triton's interpreter multiplies bfloat16 operands as raw bit patterns (triton issue #11584), so
+    under the interpreter every dot is done in float32; on a GPU the tensor cores take bf16 as is.
+    """
+    return is_interpreting()
+
+
+def dot_precision() -> str:
+    """``tl.dot`` input precision for float32 operands, following PyTorch's global setting.
+
+    ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default) means IEEE float32;
+    "high" or "medium" allow TF32, as they do for cuBLAS. bf16/fp16 operands ignore it.
+    """
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device_index: int) -> int:
+    """Number of SMs of a CUDA device (cached); 1 when running under the interpreter."""
+    if is_interpreting() or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
