@@ -1,0 +1,121 @@
+"""What the fused loss needs from a Hugging Face causal LM: final hidden states and its lm head.
+
+``LMHead.of(model)`` finds the output layer of any causal LM whose head is a plain linear layer
+(``get_output_embeddings()``), with the logit transforms some families add on top:
+
+* Gemma 2/3: ``final_logit_softcapping`` -> the fused loss's ``softcap``;
+* Cohere: ``logits * logit_scale``; Granite: ``logits / logits_scaling`` -> a scale folded into the
+  hidden states (``z = (s h) W^T`` is exactly ``s (h W^T)``).
+
+Anything else is caught by ``LMHead.verify``, which compares the model's own logits with
+``LMHead.logits`` on a few tokens and raises if they differ. ``final_hidden_states`` runs the
+model's backbone (``model.base_model``, after its final norm) and never computes logits. PEFT
+wrappers are unwrapped first; nothing is patched, so the weak model, which shares the class, is
+untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT / DDP / torch.compile wrappers (same parameters)."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            inner = model.get_base_model()
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            inner = model._orig_mod
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+@dataclass
+class LMHead:
+    """A causal LM's output layer: ``logits = softcap(scale * (h @ weight^T + bias))``."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "LMHead":
+        """Read the head of ``model`` (a transformers causal LM); raises ``ValueError`` if unsupported."""
+        model = unwrap(model)
+        name = type(model).__name__
+        if not hasattr(model, "get_output_embeddings") or not hasattr(model, "base_model"):
+            raise ValueError(f"{name} is not a Hugging Face causal LM (no get_output_embeddings / "
+                             "base_model)")
+        head = model.get_output_embeddings()
+        if type(head) is not nn.Linear:  # a subclass or wrapper (e.g. LoRA on the head) may add terms
+            raise ValueError(f"{name}'s output layer is {type(head).__name__}, not a plain "
+                             "torch.nn.Linear; wmss supports plain linear lm heads")
+        if model.base_model is model:
+            raise ValueError(f"{name} has no separate backbone (base_model is the model itself)")
+        config = getattr(model, "config", None)
+        softcap = getattr(config, "final_logit_softcapping", None)
+        scale = 1.0
+        logit_scale = getattr(model, "logit_scale", None)  # Cohere: logits * logit_scale
+        if isinstance(logit_scale, (int, float)):
+            scale *= float(logit_scale)
+        logits_scaling = getattr(config, "logits_scaling", None)  # Granite: logits / scaling
+        if isinstance(logits_scaling, (int, float)):
+            scale /= float(logits_scaling)
+        return cls(head.weight, head.bias, None if softcap is None else float(softcap), scale)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The full logits from final hidden states (for checks only: materialises ``[.., V]``)."""
+        z = nn.functional.linear(hidden, self.weight, self.bias) * self.scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+    def fused_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(hidden, bias)`` with the scale folded in, ready for ``wmss.fused_loss``."""
+        if self.scale == 1.0:
+            return hidden, self.bias
+        bias = None if self.bias is None else self.bias * self.scale
+        return hidden * self.scale, bias
+
+    @torch.no_grad()
+    def verify(self, model: nn.Module, tokens: int = 4) -> None:
+        """Compare the model's own logits with ``self.logits`` on ``tokens`` tokens; raise on mismatch.
+
+        Catches logit transforms this module does not know. Runs in eval mode (no dropout) and
+        restores the training mode afterwards.
+        """
+        model = unwrap(model)
+        was_training = model.training
+        model.eval()
+        try:
+            vocab = self.weight.shape[0]
+            input_ids = torch.arange(1, tokens + 1, device=self.weight.device).clamp(max=vocab - 1)[None]
+            expected = model(input_ids=input_ids).logits.float()
+            got = self.logits(final_hidden_states(model, input_ids)).float()
+        finally:
+            model.train(was_training)
+        tolerance = 1e-3 if self.weight.dtype == torch.float32 else 5e-2
+        scale = expected.abs().max().clamp(min=1.0)
+        if got.shape != expected.shape or ((got - expected).abs().max() / scale) > tolerance:
+            raise ValueError(f"{type(model).__name__}'s logits are not softcap(scale * lm_head(h)) "
+                             "of its backbone's final hidden states: its head applies a transform "
+                             "wmss does not support")
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    """``(batch, seq, d)`` hidden states after the backbone's final norm; no logits computed."""
+    backbone = unwrap(model).base_model
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       return_dict=True, **kwargs)
+    return outputs.last_hidden_state
