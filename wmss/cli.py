@@ -13,7 +13,10 @@ from typing import Optional, Sequence
 
 # name -> one-line description; the implementation is wmss.commands.<name>.
 COMMANDS = {
-    "demo": "built-in end-to-end demo on a tiny model (CPU, a few minutes, nothing to download)",
+    "demo": "WMSS vs SFT on a built-in arithmetic task and tiny model (CPU, minutes, no downloads)",
+    "train": "run the WMSS recipe on a JSONL data set: SFT warm-up, selection, joint training",
+    "select": "WD-DS: score a JSONL data set with a strong and a weak model and draw the active set",
+    "bench": "speed and peak memory of the fused loss and token_entropy vs every alternative",
 }
 
 

@@ -116,6 +116,5 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
                         attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
     """``(batch, seq, d)`` hidden states after the backbone's final norm; no logits computed."""
     backbone = unwrap(model).base_model
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                       return_dict=True, **kwargs)
-    return outputs.last_hidden_state
+    kwargs.update(use_cache=False, return_dict=True)  # training: no KV cache, a ModelOutput back
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state

@@ -1,0 +1,639 @@
+"""WD-DS (wmss.selection, wmss select): weights, draws, per-example scores, resume, the command."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import BACKENDS, assert_close
+
+import wmss.cli
+from wmss import data, selection, toy
+from wmss.io import atomic_write_json, atomic_write_text
+
+# Crafted per-example entropies: dH = strong - weak = [-0.5, +1.0, 0, 0].
+H_STRONG = [1.0, 2.0, 0.5, 0.0]
+H_WEAK = [1.5, 1.0, 0.5, 0.0]
+
+
+# --------------------------------------------------------------------------------------------
+# sampling_weights
+# --------------------------------------------------------------------------------------------
+
+def test_paper_weights_follow_eq_9_on_crafted_entropies():
+    # alpha*[-dH]_+ + beta*H_strong + gamma*[dH]_+ with (0.1, 0.8, 0.1):
+    #   0.1*0.5 + 0.8*1.0 = 0.85;  0.8*2.0 + 0.1*1.0 = 1.7;  0.8*0.5 = 0.4;  0.
+    raw = [0.85, 1.7, 0.4, 0.0]
+    weights = selection.sampling_weights(H_STRONG, H_WEAK)  # defaults: the paper's
+    assert weights.dtype == torch.float64 and weights.shape == (4,)
+    assert torch.allclose(weights, torch.tensor(raw, dtype=torch.float64) / sum(raw), rtol=1e-12)
+    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("coefficients, expected", [
+    (dict(alpha=1.0, beta=0.0, gamma=0.0), [1.0, 0.0, 0.0, 0.0]),   # only [-dH]_+: example 0
+    (dict(alpha=0.0, beta=0.0, gamma=2.0), [0.0, 1.0, 0.0, 0.0]),   # only [dH]_+: example 1
+    (dict(alpha=0.0, beta=1.0, gamma=0.0), [1 / 3.5, 2 / 3.5, 0.5 / 3.5, 0.0]),  # H_strong
+])
+def test_each_term_of_eq_9_selects_what_it_should(coefficients, expected):
+    weights = selection.sampling_weights(torch.tensor(H_STRONG), torch.tensor(H_WEAK),
+                                         **coefficients)
+    assert torch.allclose(weights, torch.tensor(expected, dtype=torch.float64), rtol=1e-6)
+
+
+def test_per_term_normalises_each_term_before_weighting():
+    # [-dH]_+ = [.5,0,0,0] -> [1,0,0,0]; H = [1,2,.5,0] -> [2,4,1,0]/7; [dH]_+ -> [0,1,0,0].
+    expected = [0.1 + 0.8 * 2 / 7, 0.8 * 4 / 7 + 0.1, 0.8 * 1 / 7, 0.0]  # sums to 1 already
+    weights = selection.sampling_weights(H_STRONG, H_WEAK, normalize="per_term")
+    assert weights.dtype == torch.float64
+    assert torch.allclose(weights, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+    # The paper's formula differs on the same input.
+    assert not torch.allclose(weights, selection.sampling_weights(H_STRONG, H_WEAK))
+
+
+def test_per_term_leaves_an_all_zero_term_at_zero():
+    # dH = 0 everywhere: both discrepancy terms vanish (no 0/0), only the H term is left.
+    h = [0.5, 1.5, 2.0]
+    weights = selection.sampling_weights(h, h, normalize="per_term")
+    assert torch.allclose(weights, torch.tensor(h, dtype=torch.float64) / 4.0, rtol=1e-12)
+
+
+def test_entropy_term_weak_uses_the_base_model_entropy():
+    weights = selection.sampling_weights(H_STRONG, H_WEAK, alpha=0.0, beta=1.0, gamma=0.0,
+                                         entropy_term="weak")
+    assert torch.allclose(weights, torch.tensor(H_WEAK, dtype=torch.float64) / 3.0, rtol=1e-12)
+
+
+def test_documented_mapping_reproduces_the_authors_formula():
+    """Their (a, b, c): a * H_base / sum + b * [-dH]_+ / sum + c * [dH]_+ / sum, normalised."""
+    strong, weak = torch.rand(50, dtype=torch.float64) * 3, torch.rand(50, dtype=torch.float64) * 3
+    a, b, c = 0.3, 0.5, 0.2
+    dh = strong - weak
+    theirs = (a * weak / weak.sum() + b * (-dh).clamp(min=0) / (-dh).clamp(min=0).sum()
+              + c * dh.clamp(min=0) / dh.clamp(min=0).sum())
+    ours = selection.sampling_weights(strong, weak, alpha=b, beta=a, gamma=c,
+                                      normalize="per_term", entropy_term="weak")
+    assert torch.allclose(ours, theirs / theirs.sum(), rtol=1e-12)
+
+
+def test_weight_terms_add_up_to_the_weights():
+    strong, weak = torch.rand(20) * 2, torch.rand(20) * 2
+    for normalize in selection.NORMALIZATIONS:
+        terms = selection.weight_terms(strong, weak, alpha=0.2, beta=0.5, gamma=0.3,
+                                       normalize=normalize)
+        assert set(terms) == {"alpha", "beta", "gamma"}
+        total = terms["alpha"] + terms["beta"] + terms["gamma"]
+        weights = selection.sampling_weights(strong, weak, alpha=0.2, beta=0.5, gamma=0.3,
+                                             normalize=normalize)
+        assert torch.allclose(weights, total / total.sum(), rtol=1e-12)
+        assert all(bool((term >= 0).all()) for term in terms.values())
+
+
+@pytest.mark.parametrize("strong, weak, options, match", [
+    ([1.0, float("nan")], [1.0, 1.0], {}, r"entropy_strong must be finite.*entropy_strong\[1\]"),
+    ([1.0, 1.0], [float("inf"), 1.0], {}, r"entropy_weak must be finite"),
+    ([1.0, -0.5], [1.0, 1.0], {}, r"entropy_strong must be >= 0.*entropy_strong\[1\] is -0.5"),
+    ([1.0, 1.0], [1.0, 1.0, 1.0], {}, r"same shape"),
+    ([[1.0, 1.0]], [[1.0, 1.0]], {}, r"entropy_strong must be 1-D"),
+    ([1.0], [1.0], dict(alpha=-0.1), r"alpha must be a finite number >= 0"),
+    ([1.0], [1.0], dict(gamma=float("nan")), r"gamma must be a finite number >= 0"),
+    ([1.0], [1.0], dict(alpha=0, beta=0, gamma=0), r"all 0"),
+    ([1.0], [1.0], dict(normalize="softmax"), r"normalize must be one of"),
+    ([1.0], [1.0], dict(entropy_term="mixed"), r"entropy_term must be one of"),
+])
+def test_sampling_weights_reject_bad_input_naming_the_argument(strong, weak, options, match):
+    with pytest.raises(ValueError, match=match):
+        selection.sampling_weights(strong, weak, **options)
+
+
+def test_sampling_weights_type_errors():
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        selection.sampling_weights([1.0], [1.0], beta="0.8")
+    with pytest.raises(TypeError, match="entropy_weak must be a 1-D tensor or sequence"):
+        selection.sampling_weights([1.0], "high")
+
+
+def test_all_zero_weights_cannot_be_drawn():
+    weights = selection.sampling_weights([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    assert weights.tolist() == [0.0, 0.0, 0.0]  # no NaN from 0 / 0
+    with pytest.raises(ValueError, match="every example has weight 0"):
+        selection.draw_active(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# draw_active
+# --------------------------------------------------------------------------------------------
+
+def test_draw_active_returns_sorted_unique_int64_indices_in_range():
+    weights = torch.rand(300, dtype=torch.float64)
+    weights[::7] = 0.0
+    active = selection.draw_active(weights, seed=3)
+    assert active.dtype == torch.int64 and active.dim() == 1
+    assert torch.equal(active, torch.unique(active))  # sorted, no duplicates
+    assert 0 <= int(active.min()) and int(active.max()) < 300
+    assert not bool((weights[active] == 0).any()), "an example of weight 0 was drawn"
+    # |D| = 300 draws with replacement leave out ~1/e of a uniform-ish set: far fewer than 300.
+    assert 100 < active.numel() < 280
+
+
+def test_draw_active_is_reproducible_and_depends_on_the_seed():
+    weights = selection.sampling_weights(torch.rand(100) * 2, torch.rand(100) * 2)
+    first = selection.draw_active(weights, seed=11)
+    assert torch.equal(first, selection.draw_active(weights.clone(), seed=11))
+    assert torch.equal(first, selection.draw_active(weights.tolist(), seed=11))
+    assert not torch.equal(first, selection.draw_active(weights, seed=12))
+
+
+def test_draw_active_counts_and_degenerate_weights():
+    assert selection.draw_active([0.0, 5.0, 0.0], seed=0).tolist() == [1]
+    assert selection.draw_active([1.0, 1.0], num_draws=0).numel() == 0
+    # Unnormalised weights are fine: probabilities are weights / sum.
+    weights = torch.rand(40, dtype=torch.float64)
+    assert torch.equal(selection.draw_active(weights, 25, seed=5),
+                       selection.draw_active(weights * 8.0, 25, seed=5))
+    # One draw picks one example; many draws over two equal weights pick both.
+    assert selection.draw_active([1.0, 1.0, 1.0], num_draws=1).numel() == 1
+    assert selection.draw_active([1.0, 1.0], num_draws=200).tolist() == [0, 1]
+
+
+def test_inclusion_rate_matches_one_minus_one_minus_p_to_the_d():
+    """Example i is in the active set with probability 1 - (1 - p_i)^D (D draws)."""
+    n = draws = 200
+    repeats = 400
+    weights = torch.linspace(0.0, 1.0, n, dtype=torch.float64) ** 3  # from 0 to ~50x the mean
+    weights[:5] = 0.0
+    p = weights / weights.sum()
+    expected = 1 - (1 - p) ** draws
+    counts = torch.zeros(n, dtype=torch.float64)
+    sizes = []
+    for seed in range(repeats):
+        active = selection.draw_active(weights, seed=seed)
+        counts[active] += 1
+        sizes.append(active.numel())
+    rate = counts / repeats
+    # Binomial standard error per example; 5 sigma (+ one count) keeps 200 checks unflaky.
+    stderr = (expected * (1 - expected) / repeats).sqrt()
+    worst = ((rate - expected).abs() - 5 * stderr - 1 / repeats).max()
+    assert worst <= 0, f"inclusion rate off by {worst:.3f} beyond 5 standard errors"
+    assert rate[:5].max() == 0
+    # The mean active-set size matches sum(expected) (its variance is at most sum q(1-q)).
+    sizes = torch.tensor(sizes, dtype=torch.float64)
+    bound = 5 * float((expected * (1 - expected)).sum().sqrt()) / math.sqrt(repeats)
+    assert abs(float(sizes.mean()) - float(expected.sum())) < bound
+
+
+@pytest.mark.parametrize("weights, options, error, match", [
+    ([[1.0, 2.0]], {}, ValueError, "weights must be 1-D"),
+    ([1.0, float("nan")], {}, ValueError, r"weights must be finite.*weights\[1\]"),
+    ([1.0, -1.0], {}, ValueError, r"weights must be >= 0"),
+    ([], {}, ValueError, "every example has weight 0"),
+    ([1.0], dict(num_draws=-1), ValueError, "num_draws must be >= 0"),
+    ([1.0], dict(num_draws=2.5), TypeError, "num_draws must be an int"),
+    ([1.0], dict(seed=-3), ValueError, "seed must be >= 0"),
+    ([1.0], dict(seed=True), TypeError, "seed must be an int"),
+])
+def test_draw_active_rejects_bad_input(weights, options, error, match):
+    with pytest.raises(error, match=match):
+        selection.draw_active(weights, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# score_dataset on a tiny model pair
+# --------------------------------------------------------------------------------------------
+
+RECORDS = [  # deliberately not sorted by length; one chat record
+    {"prompt": "12+30=", "completion": "42"},
+    {"prompt": "What is 7*6? ", "completion": "It is 42, of course."},
+    {"prompt": "1+2=", "completion": "3"},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                  {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]},
+    {"text": "a b c d e f"},
+    {"prompt": "Say nothing:", "completion": ""},
+    {"prompt": "9-4=", "completion": "5"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy.char_tokenizer()
+
+
+def _pair(tokenizer):
+    # initializer_range 0.5: peaked, varied distributions (the default gives entropies ~log V).
+    strong = toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=1, initializer_range=0.5)
+    weak = toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=2, initializer_range=0.5)
+    return strong, weak
+
+
+@pytest.fixture(scope="module")
+def pair(tokenizer):
+    return _pair(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer):
+    return data.encode_records(RECORDS, tokenizer)
+
+
+def reference_scores(model, dataset):
+    """Per example, float64 mean entropy of the HF logits over the supervised targets."""
+    entropies = []
+    with torch.no_grad():
+        for example in dataset:
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            log_p = logits.double().log_softmax(-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            supervised = torch.tensor(example["labels"][1:]) != -100
+            entropies.append(float(entropy[supervised].mean()) if supervised.any() else 0.0)
+    return torch.tensor(entropies, dtype=torch.float64)
+
+
+class ForwardCounter:
+    """Counts the examples each model's backbone runs on; can fail on the k-th forward pass."""
+
+    def __init__(self, models: dict, fail_at=None, on_fail=None):
+        self.examples = {name: 0 for name in models}
+        self.calls, self.fail_at, self.on_fail = 0, fail_at, on_fail
+        self.handles = [model.base_model.register_forward_pre_hook(self._hook(name),
+                                                                   with_kwargs=True)
+                        for name, model in models.items()]
+
+    def _hook(self, name):
+        def hook(module, args, kwargs):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                if self.on_fail:
+                    self.on_fail()
+                raise KeyboardInterrupt("simulated interruption")
+            self.examples[name] += kwargs["input_ids"].shape[0]
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scores_match_float64_entropies_of_the_hf_logits(pair, dataset, backend):
+    strong, weak = pair
+    scores = selection.score_dataset(strong, weak, dataset, batch_size=3, progress=False,
+                                     backend=backend)
+    assert scores.entropy_strong.dtype == scores.entropy_weak.dtype == torch.float64
+    assert scores.tokens.dtype == torch.int64
+    assert scores.tokens.tolist() == [data.supervised_tokens(e) for e in dataset]
+    assert_close(scores.entropy_strong, reference_scores(strong, dataset), 1e-5, "strong")
+    assert_close(scores.entropy_weak, reference_scores(weak, dataset), 1e-5, "weak")
+    assert (scores.entropy_strong - scores.entropy_weak).abs().max() > 0.05  # two models
+
+
+def test_padding_and_batching_do_not_change_the_scores(pair, dataset):
+    strong, weak = pair
+    one = selection.score_dataset(strong, weak, dataset, batch_size=1, progress=False)
+    for batch_size in (3, 16):
+        batched = selection.score_dataset(strong, weak, dataset, batch_size=batch_size,
+                                          progress=False, pad_token_id=5)
+        assert_close(batched.entropy_strong, one.entropy_strong, 1e-6, f"batch {batch_size}")
+        assert_close(batched.entropy_weak, one.entropy_weak, 1e-6, f"batch {batch_size}")
+        assert torch.equal(batched.tokens, one.tokens)
+
+
+def test_a_custom_ignore_index_gives_the_same_scores(pair, dataset):
+    strong, weak = pair
+    relabelled = [{"input_ids": e["input_ids"], "labels": [-1 if y == -100 else y
+                                                            for y in e["labels"]]}
+                  for e in dataset]
+    default = selection.score_dataset(strong, weak, dataset, batch_size=3, progress=False)
+    custom = selection.score_dataset(strong, weak, relabelled, batch_size=3, progress=False,
+                                     ignore_index=-1)
+    assert torch.equal(custom.tokens, default.tokens)
+    assert_close(custom.entropy_strong, default.entropy_strong, 1e-12)
+
+
+def test_examples_without_supervised_tokens_score_zero_and_are_never_drawn(pair, dataset):
+    strong, weak = pair
+    unsupervised = [
+        {"input_ids": [1, 20, 21, 22], "labels": [-100] * 4},  # prompt only
+        {"input_ids": [1], "labels": [1]},                      # nothing left after the shift
+        {"input_ids": [], "labels": []},
+    ]
+    counter = ForwardCounter({"strong": strong, "weak": weak})
+    try:
+        alone = selection.score_dataset(strong, weak, unsupervised, progress=False)
+    finally:
+        counter.remove()
+    assert counter.examples == {"strong": 0, "weak": 0}  # nothing to score: no forward pass
+    assert alone.tokens.tolist() == [0, 0, 0]
+    assert alone.entropy_strong.tolist() == alone.entropy_weak.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="every example has weight 0"):
+        selection.draw_active(selection.sampling_weights(alone.entropy_strong,
+                                                         alone.entropy_weak))
+
+    mixed = selection.score_dataset(strong, weak, unsupervised + list(dataset[:3]),
+                                    progress=False)
+    weights = selection.sampling_weights(mixed.entropy_strong, mixed.entropy_weak)
+    assert weights[:3].tolist() == [0.0, 0.0, 0.0] and bool((weights[3:] > 0).all())
+    assert int(selection.draw_active(weights, 1000).min()) >= 3
+
+
+def test_models_run_in_eval_mode_and_get_their_mode_back(pair, dataset):
+    strong, weak = pair
+    strong.train()
+    weak.eval()
+    seen = []
+    handle = strong.base_model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    try:
+        selection.score_dataset(strong, weak, dataset[:2], progress=False)
+    finally:
+        handle.remove()
+        was_training = strong.training
+        strong.eval()
+    assert seen and not any(seen) and was_training and not weak.training
+
+
+def test_score_dataset_validates_its_input(pair, dataset, tmp_path):
+    strong, weak = pair
+    with pytest.raises(ValueError, match=r"dataset\[1\]: 'input_ids' and 'labels' must have"):
+        selection.score_dataset(strong, weak, [dataset[0], {"input_ids": [1, 2], "labels": [1]}],
+                                progress=False)
+    with pytest.raises(ValueError, match=r"dataset\[0\] must be a dict"):
+        selection.score_dataset(strong, weak, [[1, 2, 3]], progress=False)
+    with pytest.raises(ValueError, match="strong_model has .* input embeddings"):
+        selection.score_dataset(strong, weak, [{"input_ids": [1, 10_000], "labels": [1, 2]}],
+                                progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        selection.score_dataset(strong, weak, dataset, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        selection.score_dataset(strong, weak, dataset, backend="cuda", progress=False)
+    with pytest.raises(TypeError, match="weak_model must be a torch.nn.Module"):
+        selection.score_dataset(strong, "gpt2", dataset, progress=False)
+
+
+def test_non_finite_entropies_are_a_clear_error(tokenizer, dataset):
+    strong, weak = _pair(tokenizer)
+    with torch.no_grad():
+        weak.lm_head.weight[5, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weak_model gives non-finite entropies on dataset "
+                                         r"examples \[\d"):
+        selection.score_dataset(strong, weak, dataset, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The scores file: resume, atomic writes, refusing to clobber
+# --------------------------------------------------------------------------------------------
+
+def test_scoring_resumes_after_an_interruption_without_recomputing(pair, dataset, tmp_path):
+    strong, weak = pair
+    models = {"strong": strong, "weak": weak}
+    output = tmp_path / "scores.json"
+    reference = selection.score_dataset(strong, weak, dataset, batch_size=2, progress=False)
+    scorable = int((reference.tokens > 0).sum())  # 7 records, all supervised: 4 batches of 2
+
+    seen_mid_run = {}
+
+    def read_checkpoint():  # what a crash at this point would leave behind
+        seen_mid_run.update(json.loads(output.read_text()))
+
+    # Forward passes alternate strong/weak per batch: call 5 is batch 3's strong pass.
+    counter = ForwardCounter(models, fail_at=5, on_fail=read_checkpoint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            selection.score_dataset(strong, weak, dataset, batch_size=2, progress=False,
+                                    output=output, save_interval=0)
+    finally:
+        counter.remove()
+    # Checkpointed after each of the two finished batches, before the interruption.
+    assert seen_mid_run["complete"] is False
+    assert sum(t is not None for t in seen_mid_run["tokens"]) == 4
+    partial = json.loads(output.read_text())
+    assert partial["complete"] is False and sum(t is not None for t in partial["tokens"]) == 4
+    with pytest.raises(ValueError, match="scoring was interrupted"):
+        selection.DatasetScores.load(output)
+
+    counter = ForwardCounter(models)
+    try:
+        resumed = selection.score_dataset(strong, weak, dataset, batch_size=2, progress=False,
+                                          output=output, save_interval=0)
+    finally:
+        counter.remove()
+    assert counter.examples == {"strong": scorable - 4, "weak": scorable - 4}
+    for field in ("entropy_strong", "entropy_weak", "tokens"):
+        assert torch.equal(getattr(resumed, field), getattr(reference, field)), field
+    loaded = selection.DatasetScores.load(output)
+    assert torch.equal(loaded.entropy_strong, reference.entropy_strong)
+    assert torch.equal(loaded.tokens, reference.tokens)
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+    # A complete file is reused as it is: no forward pass at all.
+    counter = ForwardCounter(models)
+    try:
+        again = selection.score_dataset(strong, weak, dataset, output=output, progress=False)
+    finally:
+        counter.remove()
+    assert counter.examples == {"strong": 0, "weak": 0}
+    assert torch.equal(again.entropy_weak, reference.entropy_weak)
+
+
+def test_an_output_that_belongs_to_something_else_is_never_overwritten_silently(
+        pair, dataset, tokenizer, tmp_path):
+    strong, weak = pair
+    output = tmp_path / "scores.json"
+    selection.score_dataset(strong, weak, dataset[:4], output=output, progress=False)
+    saved = output.read_text()
+
+    with pytest.raises(ValueError, match="does not hold these scores.*4 examples.*overwrite=True"):
+        selection.score_dataset(strong, weak, dataset[:3], output=output, progress=False)
+    changed = [dict(e) for e in dataset[:4]]
+    changed[2] = {"input_ids": changed[2]["input_ids"],
+                  "labels": [-100] * len(changed[2]["labels"])}
+    with pytest.raises(ValueError, match="different data set"):
+        selection.score_dataset(strong, weak, changed, output=output, progress=False)
+    other = toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=3, initializer_range=0.5)
+    with pytest.raises(ValueError, match="different models"):
+        selection.score_dataset(strong, other, dataset[:4], output=output, progress=False)
+    assert output.read_text() == saved
+
+    not_scores = tmp_path / "notes.json"
+    not_scores.write_text("my notes\n")
+    with pytest.raises(ValueError, match="not a wmss scores file"):
+        selection.score_dataset(strong, weak, dataset[:4], output=not_scores, progress=False)
+    assert not_scores.read_text() == "my notes\n"
+
+    replaced = selection.score_dataset(strong, other, dataset[:4], output=output, progress=False,
+                                       overwrite=True)
+    assert torch.equal(selection.DatasetScores.load(output).entropy_weak, replaced.entropy_weak)
+
+
+def test_dataset_scores_save_and_load_round_trip_exactly(tmp_path):
+    scores = selection.DatasetScores(torch.rand(5, dtype=torch.float64),
+                                     torch.rand(5, dtype=torch.float64),
+                                     torch.tensor([3, 0, 1, 7, 2]), {"dataset_sha256": "abc"})
+    scores.save(tmp_path / "s.json")
+    loaded = selection.DatasetScores.load(tmp_path / "s.json")
+    assert torch.equal(loaded.entropy_strong, scores.entropy_strong)
+    assert torch.equal(loaded.entropy_weak, scores.entropy_weak)
+    assert torch.equal(loaded.tokens, scores.tokens) and loaded.tokens.dtype == torch.int64
+    assert loaded.metadata["dataset_sha256"] == "abc"
+    assert torch.equal(loaded.discrepancy, scores.entropy_strong - scores.entropy_weak)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda text, doc: text[: len(text) // 2], "not valid JSON"),  # a half-written file
+    (lambda text, doc: json.dumps({**doc, "complete": False}), "complete"),
+    (lambda text, doc: json.dumps({**doc, "entropy_weak": [-1.0] + doc["entropy_weak"][1:]}),
+     "malformed entry for example 0"),
+    (lambda text, doc: json.dumps({**doc, "tokens": doc["tokens"][:-1]}), "malformed"),
+    (lambda text, doc: json.dumps({**doc, "version": 99}), "version 99"),
+])
+def test_malformed_scores_files_are_rejected(tmp_path, corrupt, match):
+    path = tmp_path / "scores.json"
+    selection.DatasetScores([1.0, 2.0], [0.5, 0.0], [3, 4]).save(path)
+    text = path.read_text()
+    path.write_text(corrupt(text, json.loads(text)))
+    with pytest.raises(ValueError, match=match):
+        selection.DatasetScores.load(path)
+
+
+def test_dataset_fingerprint_sees_ids_and_labels(dataset):
+    base = selection.dataset_fingerprint(dataset)
+    assert base == selection.dataset_fingerprint([dict(e) for e in dataset])
+    relabelled = [dict(e) for e in dataset]
+    relabelled[0] = {"input_ids": dataset[0]["input_ids"],  # the last token unsupervised
+                     "labels": dataset[0]["labels"][:-1] + [-100]}
+    assert selection.dataset_fingerprint(relabelled) != base
+    assert selection.dataset_fingerprint(dataset[:-1]) != base
+    fully_supervised = [{"input_ids": [1, 7, 8], "labels": [1, 7, 8]}]
+    assert selection.dataset_fingerprint(fully_supervised, ignore_index=-1) != \
+        selection.dataset_fingerprint(fully_supervised)
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    path = tmp_path / "out.json"
+    atomic_write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(ValueError):  # not strict JSON: refused before the file is touched
+        atomic_write_json(path, {"a": float("nan")})
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "x" * 10_000)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["out.json"]  # no temporary file left behind
+    atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+
+
+# --------------------------------------------------------------------------------------------
+# summarize and the wmss select command
+# --------------------------------------------------------------------------------------------
+
+def test_summarize_reports_counts_means_and_term_shares():
+    scores = selection.DatasetScores(H_STRONG, H_WEAK, [4, 2, 1, 0])
+    weights = selection.sampling_weights(scores.entropy_strong, scores.entropy_weak)
+    active = selection.draw_active(weights, 10, seed=0)
+    summary = selection.summarize(scores, weights, active, num_draws=10, seed=0)
+    assert summary["examples"] == 4 and summary["examples_without_supervised_tokens"] == 1
+    assert summary["supervised_tokens"] == 7 and summary["selected"] == active.numel()
+    assert math.isclose(summary["mean_entropy_strong"], 3.5 / 3)
+    assert math.isclose(summary["mean_entropy_weak"], 3.0 / 3)
+    assert summary["examples_weak_more_uncertain"] == 1
+    assert summary["examples_strong_more_uncertain"] == 1
+    # Weight mass 2.95 = alpha part 0.05 + beta part 2.8 + gamma part 0.1.
+    share = summary["term_share"]
+    assert math.isclose(share["alpha"], 0.05 / 2.95) and math.isclose(share["beta"], 2.8 / 2.95)
+    assert math.isclose(share["gamma"], 0.1 / 2.95)
+    p = weights / weights.sum()
+    assert math.isclose(summary["expected_selected"], float((1 - (1 - p) ** 10).sum()))
+    json.dumps(summary, allow_nan=False)  # JSON-ready
+
+
+@pytest.fixture
+def saved_pair(tmp_path, tokenizer):
+    strong, weak = _pair(tokenizer)
+    paths = {"strong": tmp_path / "strong", "weak": tmp_path / "weak"}
+    strong.save_pretrained(paths["strong"])
+    weak.save_pretrained(paths["weak"])
+    tokenizer.save_pretrained(paths["strong"])
+    return paths
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_wmss_select_end_to_end(saved_pair, tmp_path, tokenizer, capsys, monkeypatch):
+    records = RECORDS + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    data_file = tmp_path / "train.jsonl"
+    _write_jsonl(data_file, records)
+    out = tmp_path / "selection"
+    argv = ["select", "--strong", str(saved_pair["strong"]), "--weak", str(saved_pair["weak"]),
+            "--data", str(data_file), "--output-dir", str(out), "--batch-size", "3",
+            "--no-progress", "--backend", "torch"]
+    assert wmss.cli.main(argv) == 0
+    printed = capsys.readouterr().out
+
+    scores = selection.DatasetScores.load(out / "scores.json")
+    encoded = data.encode_records(records, tokenizer)
+    assert scores.tokens.tolist() == [data.supervised_tokens(e) for e in encoded]
+    assert scores.tokens[-1] == 0 and bool((scores.tokens[:-1] > 0).all())
+    strong, weak = _pair(tokenizer)
+    assert_close(scores.entropy_strong, reference_scores(strong, encoded), 1e-5, "strong")
+    assert_close(scores.entropy_weak, reference_scores(weak, encoded), 1e-5, "weak")
+
+    active = json.loads((out / "active_indices.json").read_text())
+    weights = selection.sampling_weights(scores.entropy_strong, scores.entropy_weak)
+    assert active == selection.draw_active(weights, seed=0).tolist()
+    assert len(records) - 1 not in active
+
+    summary = json.loads((out / "selection_summary.json").read_text())
+    assert summary["examples"] == len(records)
+    assert summary["examples_without_supervised_tokens"] == 1
+    assert summary["selected"] == len(active) and summary["num_draws"] == len(records)
+    assert math.isclose(sum(summary["term_share"].values()), 1.0)
+    assert summary["options"]["normalize"] == "paper"
+    assert f"selected: {len(active)} of {len(records)}" in printed
+    assert "alpha*[-dH]_+" in printed and "beta*H_strong" in printed
+
+    # Existing outputs are kept unless --overwrite.
+    before = {name: (out / name).read_text() for name in os.listdir(out)}
+    assert wmss.cli.main(argv + ["--seed", "1"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert {name: (out / name).read_text() for name in os.listdir(out)} == before
+
+    # With --overwrite, new options re-select from the same scores: no model pass.
+    passes = []
+    real = selection._entropy_sums
+    monkeypatch.setattr(selection, "_entropy_sums",
+                        lambda *a, **k: passes.append(1) or real(*a, **k))
+    options = ["--overwrite", "--seed", "1", "--normalize", "per_term", "--num-draws", "4",
+               "--alpha", "0.5", "--beta", "0.2", "--gamma", "0.3"]
+    assert wmss.cli.main(argv + options) == 0
+    assert passes == []
+    weights = selection.sampling_weights(scores.entropy_strong, scores.entropy_weak, alpha=0.5,
+                                         beta=0.2, gamma=0.3, normalize="per_term")
+    assert json.loads((out / "active_indices.json").read_text()) == \
+        selection.draw_active(weights, 4, seed=1).tolist()
+    summary = json.loads((out / "selection_summary.json").read_text())
+    assert summary["num_draws"] == 4 and summary["options"]["normalize"] == "per_term"
+
+
+def test_wmss_select_help_and_argument_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        wmss.cli.main(["select", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--strong", "--weak", "--data", "--output-dir", "--normalize", "--num-draws",
+                   "--overwrite"):
+        assert option in help_text
+    with pytest.raises(SystemExit):
+        wmss.cli.main(["select", "--strong", "s", "--weak", "w", "--data", "d.jsonl",
+                       "--output-dir", str(tmp_path), "--alpha", "-1"])
+    assert "must be a finite number >= 0" in capsys.readouterr().err
+    missing = ["select", "--strong", "s", "--weak", "w", "--data", str(tmp_path / "none.jsonl"),
+               "--output-dir", str(tmp_path / "out")]
+    assert wmss.cli.main(missing) == 1
+    assert "wmss select: error:" in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""``wmss train``: the WMSS pipeline (SFT warm-up, WD-DS selection, joint training, K rounds)."""
+
+from __future__ import annotations
+
+import json
+
+from .. import defaults
+from ..pipeline import Pipeline, PipelineConfig
+
+
+
+def add_arguments(parser) -> None:
+    start = parser.add_argument_group("start (give --base, or --weak and --strong)")
+    start.add_argument("--base", help="base model M0 (path or hub name); an SFT warm-up makes M1")
+    start.add_argument("--weak", help="weak model of the first round (skips the warm-up)")
+    start.add_argument("--strong", help="strong model of the first round (skips the warm-up)")
+    start.add_argument("--tokenizer", help="tokenizer (default: that of --base or --strong)")
+    parser.add_argument("--data", required=True,
+                        help="JSONL: {prompt, completion}, {messages: [...]} or {text} per line")
+    parser.add_argument("--output-dir", required=True,
+                        help="one folder per stage; rerunning continues where it stopped")
+    method = parser.add_argument_group("method (paper defaults)")
+    method.add_argument("--rounds", type=int, default=defaults.ROUNDS)
+    method.add_argument("--lam", type=float, default=defaults.LAMBDA)
+    method.add_argument("--alpha", type=float, default=defaults.ALPHA)
+    method.add_argument("--beta", type=float, default=defaults.BETA)
+    method.add_argument("--gamma", type=float, default=defaults.GAMMA)
+    method.add_argument("--normalize", choices=("paper", "per_term"), default="paper")
+    method.add_argument("--num-draws", type=int, help="WD-DS draws (default: the data set size)")
+    method.add_argument("--gap-threshold", type=float, help="gap masking threshold (default: off)")
+    method.add_argument("--frozen-weak", action="store_true",
+                        help="do not train the weak model (paper App. B.1)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--sft-epochs", type=float, default=defaults.SFT_EPOCHS)
+    training.add_argument("--wmss-epochs", type=float, default=defaults.WMSS_EPOCHS)
+    training.add_argument("--lr", type=float, default=defaults.LEARNING_RATE)
+    training.add_argument("--warmup-ratio", type=float, default=defaults.WARMUP_RATIO)
+    training.add_argument("--max-grad-norm", type=float, default=defaults.MAX_GRAD_NORM)
+    training.add_argument("--max-length", type=int, default=defaults.MAX_LENGTH)
+    training.add_argument("--batch-size", type=int, default=1, help="per device")
+    training.add_argument("--grad-accum", type=int, default=8)
+    training.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                          help="dtype the models are loaded in")
+    training.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16)")
+    training.add_argument("--activation-checkpointing", action="store_true")
+    training.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--save-steps", type=int, default=500)
+    training.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
+
+
+def run(args) -> int:
+    config = PipelineConfig(
+        output_dir=args.output_dir, data=args.data, base_model=args.base, weak_model=args.weak,
+        strong_model=args.strong, tokenizer=args.tokenizer, rounds=args.rounds, lam=args.lam,
+        alpha=args.alpha, beta=args.beta, gamma=args.gamma, normalize=args.normalize,
+        num_draws=args.num_draws, gap_threshold=args.gap_threshold,
+        train_weak=not args.frozen_weak, sft_epochs=args.sft_epochs,
+        wmss_epochs=args.wmss_epochs, learning_rate=args.lr, warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm, max_length=args.max_length, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, dtype=args.dtype, bf16=args.bf16,
+        activation_checkpointing=args.activation_checkpointing, backend=args.backend,
+        seed=args.seed, save_steps=args.save_steps, use_cpu=args.cpu)
+    report = Pipeline(config).run()
+    print(json.dumps({"final_model": report["final_model"],
+                      "stages": [{k: v for k, v in stage.items()
+                                  if k in ("stage", "seconds", "train_loss", "active")}
+                                 for stage in report["stages"]]}, indent=2))
+    return 0

@@ -1,0 +1,246 @@
+"""``wmss.apply_wmss``: the fused WMSS loss for any pair of Hugging Face causal LMs.
+
+``WMSSPair`` holds the strong and the weak model as submodules (their parameters are the pair's
+parameters, so one optimizer trains both) and replaces their logits and cross-entropy by
+``wmss.fused_loss`` on the two backbones' final hidden states. It works with ``transformers.Trainer``
+(see ``wmss.trainer.WMSSTrainer``), TRL, accelerate/DDP, or a plain loop::
+
+    pair = wmss.apply_wmss(strong, weak, lam=0.5)
+    out = pair(input_ids=ids, attention_mask=mask, labels=labels)  # labels as for the HF model
+    out.loss.backward()
+    pair.save_pretrained("strong-out")                             # the strong model alone
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from . import defaults
+from .hf import LMHead, final_hidden_states, unwrap
+from .loss import fused_loss
+from .stats import TokenStats
+from .validation import (
+    BACKENDS,
+    check_choice,
+    check_flag,
+    check_gap_threshold,
+    check_ignore_index,
+    check_lam,
+)
+
+
+@dataclass
+class WMSSOutput(ModelOutput):
+    """Output of ``WMSSPair.forward``; no logits.
+
+    Attributes:
+        loss: the mixed loss (float32 scalar), as ``wmss.fused_loss`` reduces it; None without labels.
+        strong_loss: mean plain cross-entropy of the strong model over supervised tokens (logging).
+        weak_loss: the same for the weak model.
+        entropy_strong, entropy_weak: mean next-token entropies over supervised tokens.
+        mixed_fraction: share of supervised tokens trained with the mixed loss (1 without gap masking).
+        stats: per-token ``wmss.TokenStats`` shaped like the (shifted) labels.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    strong_loss: Optional[torch.Tensor] = None
+    weak_loss: Optional[torch.Tensor] = None
+    entropy_strong: Optional[torch.Tensor] = None
+    entropy_weak: Optional[torch.Tensor] = None
+    mixed_fraction: Optional[torch.Tensor] = None
+    stats: Optional[TokenStats] = None
+
+
+def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """HF causal-LM shift without slicing the hidden states: position t predicts ``labels[t + 1]``
+    and the last position predicts nothing (so no copy of ``[batch, seq, d]`` is needed)."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+_NO_BACKBONE = (
+    "WMSSPair has no single backbone (base_model): something tried to run the strong model's "
+    "backbone and head alone, which would bypass the WMSS loss. TRL's SFTTrainer does this when it "
+    "installs its own fused LM head; train the pair with wmss.trainer.WMSSSFTTrainer or "
+    "wmss.WMSSTrainer instead.")
+
+
+class WMSSPair(nn.Module):
+    """A strong and a weak causal LM trained together through the fused mixed-logit loss.
+
+    Build it with ``wmss.apply_wmss``. Attributes HF's Trainer reads: ``accepts_loss_kwargs`` (it
+    passes ``num_items_in_batch``) and ``loss_type = "ForCausalLM"`` (it counts ``num_items_in_batch``
+    on shifted labels).
+    """
+
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, strong: nn.Module, weak: nn.Module, *, lam: float, train_weak: bool,
+                 gap_threshold: Optional[float], backend: str, ignore_index: int):
+        super().__init__()
+        self.strong, self.weak = strong, weak
+        self.lam, self.train_weak, self.gap_threshold = lam, train_weak, gap_threshold
+        self.backend, self.ignore_index = backend, ignore_index
+        strong_head, weak_head = LMHead.of(strong), LMHead.of(weak)
+        if strong_head.weight.shape[0] != weak_head.weight.shape[0]:
+            raise ValueError(
+                f"vocabulary mismatch: the strong model's head has {strong_head.weight.shape[0]} rows "
+                f"and the weak model's {weak_head.weight.shape[0]}; WMSS mixes logits token by token, "
+                "so both models need the same vocabulary (resize_token_embeddings one of them)")
+        if strong_head.softcap != weak_head.softcap:
+            raise ValueError(f"the strong model soft-caps its logits at {strong_head.softcap} and the "
+                             f"weak model at {weak_head.softcap}; they must agree")
+        for name, model, head in (("strong", strong, strong_head), ("weak", weak, weak_head)):
+            try:
+                head.verify(model)
+            except ValueError as error:
+                raise ValueError(f"{name} model: {error}") from None
+        if not train_weak:
+            weak.requires_grad_(False)
+
+    def __getattr__(self, name: str):
+        """Attributes the pair lacks come from the strong model (its ``config``,
+        ``generation_config``, ``add_model_tags``...), as trainers expect of the model they train;
+        this is the model that is kept, saved and evaluated."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("strong", "weak"):  # not registered yet (during __init__)
+                raise
+            if name == "base_model":
+                raise AttributeError(_NO_BACKBONE) from None
+            return getattr(unwrap(self.strong), name)
+
+    def enable_input_require_grads(self) -> None:
+        """For activation checkpointing with frozen embeddings (PEFT): both models."""
+        for model in (self.strong, self.weak):
+            unwrap(model).enable_input_require_grads()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, num_items_in_batch=None,
+                return_stats: bool = False, shift_labels: Optional[torch.Tensor] = None,
+                **model_kwargs) -> WMSSOutput:
+        """Both backbones on the same batch, then the fused loss on their final hidden states.
+
+        Args:
+            input_ids, attention_mask: ``(batch, seq)``, as for the HF models.
+            labels: ``(batch, seq)`` HF convention (shifted inside; ``ignore_index`` ignored).
+            num_items_in_batch: supervised tokens of the whole accumulated batch (HF Trainer passes
+                it; the loss is then ``sum / num_items_in_batch``).
+            return_stats: also return the per-token ``TokenStats``.
+            shift_labels: labels already shifted (HF's context/sequence-parallel convention);
+                replaces ``labels``.
+            model_kwargs: forwarded to both backbones (e.g. ``position_ids``).
+        """
+        for key in ("return_dict", "use_cache", "fused_lm_head", "output_router_logits"):
+            model_kwargs.pop(key, None)
+        hidden_s = final_hidden_states(self.strong, input_ids, attention_mask, **model_kwargs)
+        frozen = not self.train_weak or not torch.is_grad_enabled()
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            hidden_w = final_hidden_states(self.weak, input_ids, attention_mask, **model_kwargs)
+        if labels is None and shift_labels is None:
+            return WMSSOutput()
+
+        strong_head, weak_head = LMHead.of(self.strong), LMHead.of(self.weak)
+        hidden_s, bias_s = strong_head.fused_inputs(hidden_s)
+        hidden_w, bias_w = weak_head.fused_inputs(hidden_w)
+        targets = shift_labels if shift_labels is not None else _shift_labels(labels,
+                                                                                self.ignore_index)
+        loss, stats = fused_loss(
+            hidden_s, strong_head.weight, hidden_w, weak_head.weight, targets, lam=self.lam,
+            strong_bias=bias_s, weak_bias=bias_w, ignore_index=self.ignore_index,
+            num_items_in_batch=num_items_in_batch, softcap=strong_head.softcap,
+            train_weak=self.train_weak, gap_threshold=self.gap_threshold, return_stats=True,
+            backend=self.backend)
+        supervised = targets != self.ignore_index
+        count = supervised.sum().clamp(min=1)
+
+        def mean(values):
+            return values.float().sum() / count
+
+        return WMSSOutput(loss=loss, strong_loss=-mean(stats.logprob_strong),
+                          weak_loss=-mean(stats.logprob_weak),
+                          entropy_strong=mean(stats.entropy_strong),
+                          entropy_weak=mean(stats.entropy_weak),
+                          mixed_fraction=mean(stats.mixed),
+                          stats=stats if return_stats else None)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Save the strong model alone (loadable by ``AutoModelForCausalLM.from_pretrained``)."""
+        unwrap(self.strong).save_pretrained(save_directory, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Checkpoint the activations of both models (HF Trainer's ``activation_checkpointing``)."""
+        for model in (self.strong, self.weak):
+            model = unwrap(model)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+            else:  # transformers < 5
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Alias of ``activation_checkpointing_enable`` (the name transformers < 5 uses)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+
+def apply_wmss(strong_model: nn.Module, weak_model: nn.Module, lam: float = defaults.LAMBDA,
+               train_weak: bool = True, gap_threshold: Optional[float] = None,
+               backend: str = "auto", *, ignore_index: int = defaults.IGNORE_INDEX,
+               use_liger: bool = False) -> WMSSPair:
+    """Wrap a strong and a weak HF causal LM into a ``WMSSPair`` trained by the fused loss.
+
+    Args:
+        strong_model, weak_model: transformers causal LMs (PEFT-wrapped ones too) whose lm head is a
+            plain linear layer, sharing one vocabulary. Gemma's final-logit soft-capping and
+            Cohere/Granite logit scales are applied; any other head transform is detected (by
+            comparing with the model's own logits on a few tokens) and refused with a ValueError.
+        lam: mixing weight of the strong logits.
+        train_weak: False freezes the weak model (``requires_grad_(False)``, run without autograd).
+        gap_threshold: gap masking (see ``wmss.fused_loss``); None mixes every supervised token.
+        backend: as for ``wmss.fused_loss``.
+        ignore_index: label value that is not supervised.
+        use_liger: also apply Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels to both models
+            (CUDA only; their loss and logits are left alone: wmss computes the loss).
+
+    Nothing is patched globally; the models are used as they are (the weak model is only frozen
+    when ``train_weak`` is False).
+    """
+    check_lam(lam)
+    check_flag("train_weak", train_weak)
+    check_flag("use_liger", use_liger)
+    check_gap_threshold(gap_threshold)
+    check_choice("backend", backend, BACKENDS)
+    check_ignore_index(ignore_index)
+    if strong_model is weak_model:
+        raise ValueError("strong_model and weak_model are the same object; WMSS needs two models "
+                         "(load the weak checkpoint separately)")
+    if use_liger:
+        _apply_liger(strong_model, weak_model)
+    return WMSSPair(strong_model, weak_model, lam=float(lam), train_weak=train_weak,
+                    gap_threshold=gap_threshold, backend=backend, ignore_index=ignore_index)
+
+
+def _apply_liger(*models: nn.Module) -> None:
+    """Liger-Kernel's per-instance RMSNorm/RoPE/SwiGLU kernels (never its loss or logits code)."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as error:
+        raise ValueError("use_liger=True needs the liger-kernel package "
+                         "(pip install liger-kernel)") from error
+    for model in models:
+        device = next(unwrap(model).parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"use_liger=True needs the models on CUDA (found {device})")
+        _apply_liger_kernel_to_instance(model=unwrap(model), rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
