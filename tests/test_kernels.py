@@ -17,7 +17,13 @@ from wmss_kernels.config import Tiles
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 ALL = GradRequest(True, True, True)
-SPEC = MixedLossSpec(lam=0.3, softcap=8.0, gap_threshold=0.0, ignore_index=-100)
+SPECS = {
+    # Soft-capping and gap masking: one logit-gradient buffer per model.
+    "softcap-gap": MixedLossSpec(lam=0.3, softcap=8.0, gap_threshold=0.0, ignore_index=-100),
+    # The paper's loss: one buffer shared by both models, scaled by lam and 1 - lam.
+    "shared-gradient": MixedLossSpec(lam=0.3, softcap=None, gap_threshold=None,
+                                     ignore_index=-100),
+}
 
 
 def flat_inputs(dtype=torch.float32, shape=(5, 23), vocab=333, d_strong=72, d_weak=40):
@@ -38,9 +44,9 @@ def upstream_coefficients(stats, labels):
     return upstream, coef_mix, coef_strong
 
 
-def check(stats, grads, inputs, labels, upstream, tol):
-    expected = truth(inputs, labels, lam=SPEC.lam, softcap=SPEC.softcap,
-                     gap_threshold=SPEC.gap_threshold, upstream=upstream)
+def check(spec, stats, grads, inputs, labels, upstream, tol):
+    expected = truth(inputs, labels, lam=spec.lam, softcap=spec.softcap,
+                     gap_threshold=spec.gap_threshold, upstream=upstream)
     assert_close(stats.loss, expected.loss, tol, "loss")
     assert_close(stats.entropy_strong, expected.entropy_strong, tol, "entropy_strong", atol=1e-6)
     assert_close(stats.entropy_weak, expected.entropy_weak, tol, "entropy_weak", atol=1e-6)
@@ -58,41 +64,45 @@ needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TR
 
 
 @needs_triton
+@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
 @pytest.mark.parametrize("tiles, num_splits, chunk_tokens", [
     (Tiles(16, 16, 16, num_warps=4), 7, 16),     # many tiny tiles, uneven splits, many chunks
     (Tiles(32, 64, 32, num_warps=4), 2, 48),     # chunks that are not a multiple of the tile
     (Tiles(64, 128, 64), None, None),            # the GPU tiles and automatic choices
     (Tiles(16, 256, 128, num_warps=4), 1, 10**6),  # one split; one chunk holding every token
 ])
-def test_triton_launchers_under_every_decomposition(tiles, num_splits, chunk_tokens):
+def test_triton_launchers_under_every_decomposition(tiles, num_splits, chunk_tokens, spec):
     from wmss_kernels import mixed_ce_backward, mixed_token_stats
 
     inputs, labels, args = flat_inputs()
     flat_labels = labels.reshape(-1)
-    stats = mixed_token_stats(*args, flat_labels, lam=SPEC.lam, softcap=SPEC.softcap,
-                              gap_threshold=SPEC.gap_threshold, ignore_index=-100, tiles=tiles,
+    stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
+                              gap_threshold=spec.gap_threshold, ignore_index=-100, tiles=tiles,
                               num_splits=num_splits)
     upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
     vocab = args[1].shape[0]
     chunk_bytes = (chunk_tokens or 10**9) * vocab * 4 * 2
+    if spec.gap_threshold is None:
+        coef_strong = None
     grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
                               stats.max_mix, stats.logsum_mix, coef_mix, coef_strong,
-                              lam=SPEC.lam, softcap=SPEC.softcap, strong_request=ALL,
+                              lam=spec.lam, softcap=spec.softcap, strong_request=ALL,
                               weak_request=ALL, tiles=tiles, chunk_bytes=chunk_bytes)
-    check(stats, grads, inputs, labels, upstream, 1e-5)
+    check(spec, stats, grads, inputs, labels, upstream, 1e-5)
 
 
 @pytest.mark.parametrize("token_block, vocab_block", [(7, 50), (16, 333), (1000, 64)])
 def test_torch_engine_under_every_block_shape(token_block, vocab_block):
+    spec = SPECS["softcap-gap"]
     engine = TorchEngine(token_block=token_block, vocab_block=vocab_block)
     inputs, labels, args = flat_inputs()
     flat_labels = labels.reshape(-1)
-    stats = engine.mixed_forward(*args, flat_labels, SPEC)
+    stats = engine.mixed_forward(*args, flat_labels, spec)
     upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
     grads = engine.mixed_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                                  stats.max_mix, stats.logsum_mix, coef_mix, coef_strong, SPEC,
+                                  stats.max_mix, stats.logsum_mix, coef_mix, coef_strong, spec,
                                   ALL, ALL)
-    check(stats, grads, inputs, labels, upstream, 1e-5)
+    check(spec, stats, grads, inputs, labels, upstream, 1e-5)
 
 
 @needs_triton
@@ -101,13 +111,13 @@ def test_backward_skips_the_weak_products_when_nothing_weak_is_requested():
 
     inputs, labels, args = flat_inputs()
     flat_labels = labels.reshape(-1)
-    stats = mixed_token_stats(*args, flat_labels, lam=SPEC.lam, softcap=SPEC.softcap,
-                              gap_threshold=None, ignore_index=-100)
+    stats = mixed_token_stats(*args, flat_labels, lam=0.3, softcap=None, gap_threshold=None,
+                              ignore_index=-100)
     coef = (flat_labels != -100).float()
     none = GradRequest(False, False, False)
     strong, weak = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                                     stats.max_mix, stats.logsum_mix, coef, None, lam=SPEC.lam,
-                                     softcap=SPEC.softcap, strong_request=GradRequest(False, True, False),
+                                     stats.max_mix, stats.logsum_mix, coef, None, lam=0.3,
+                                     softcap=None, strong_request=GradRequest(False, True, False),
                                      weak_request=none)
     assert strong.hidden is None and strong.bias is None and strong.weight is not None
     assert weak == (None, None, None)

@@ -166,3 +166,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
         results.append(grads(strong) | {f"weak.{k}": v for k, v in grads(weak).items()})
     for name, want in results[0].items():
         assert torch.allclose(results[1][name], want, rtol=1e-5, atol=1e-7), name
+
+
+def test_peft_wrapped_models_train_their_adapters():
+    peft = pytest.importorskip("peft")
+    strong = tiny_causal_lm("llama", vocab_size=VOCAB, seed=1)
+    weak = tiny_causal_lm("llama", vocab_size=VOCAB, seed=2)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(strong, config)
+    input_ids, attention_mask, labels = batch()
+    expected = unfused_loss(lora, weak, input_ids, attention_mask, labels, 0.5)
+    pair = wmss.apply_wmss(lora, weak, train_weak=False)
+    out = pair(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert math.isclose(out.loss.item(), expected.item(), rel_tol=1e-5)
+    out.loss.backward()
+    adapters = [p for n, p in lora.named_parameters() if "lora_" in n]
+    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+    assert all(p.grad is None for n, p in lora.named_parameters() if "lora_" not in n)

@@ -129,7 +129,7 @@ def test_bad_configurations_are_refused(workspace):
 
 def test_demo_code_path_at_reduced_size(tmp_path):
     settings = DemoSettings(train_size=120, eval_size=20, hidden_size=32, num_layers=1,
-                            batch_size=16)
+                            batch_size=16, pretrain_size=60)
     lines = []
     result = run_demo(str(tmp_path), settings, log=lines.append)
     assert 0 <= result.sft_accuracy <= 1 and 0 <= result.wmss_accuracy <= 1

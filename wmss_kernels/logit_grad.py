@@ -11,7 +11,8 @@ and, through the soft-cap ``z = c tanh(a / c)``, ``dL/da = dL/dz * (1 - (z / c)^
 The tokens are processed in chunks. For each chunk, ``_logit_grad_kernel`` (grid: token tiles x
 vocabulary tiles) recomputes both models' logit tiles on the tensor cores, forms ``dL/da`` from
 the forward's log-sum-exps, and writes it to a ``[chunk, V]`` buffer per model in the compute
-dtype. cuBLAS then gives ``dh = dA @ W``, ``dW += dA^T @ h`` (float32 accumulation across
+dtype (one buffer for both when neither soft-capping nor gap masking is on: the two gradients
+are then ``lam g`` and ``(1 - lam) g``). cuBLAS then gives ``dh = dA @ W``, ``dW += dA^T @ h`` (float32 accumulation across
 chunks) and ``db += sum(dA)``. Every reduction runs in a fixed order: results are deterministic.
 Buffers are sized by ``config.GRAD_CHUNK_BYTES``; nothing ``[N, V]`` is ever allocated.
 """
@@ -36,7 +37,7 @@ def _logit_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, max_s_ptr, logsum_s_ptr,
     max_m_ptr, logsum_m_ptr, coef_mix_ptr, coef_strong_ptr, grad_s_ptr, grad_w_ptr,
     num_tokens, vocab, dim_s, dim_w, stride_hs, stride_ws, stride_hw, stride_ww, stride_grad,
-    lam, softcap,
+    lam, strong_scale, softcap,
     STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -65,10 +66,10 @@ def _logit_grad_kernel(
     z_m = lam * z_s + (1.0 - lam) * z_w
     p_m = tl.exp(tl.where(mask, (z_m - max_m[:, None]) - logsum_m[:, None], _MASKED))
     g_mix = coef_mix[:, None] * (p_m - onehot)
-    out_offsets = offs_n[:, None] * stride_grad + offs_v[None, :]
+    out_offsets = offs_n.to(tl.int64)[:, None] * stride_grad + offs_v[None, :]
 
     if STORE_S:
-        g_s = lam * g_mix
+        g_s = strong_scale * g_mix  # lam, or 1 when the buffer is shared by both models
         if HAS_GAP:
             coef_strong = tl.load(coef_strong_ptr + offs_n, mask=mask_n, other=0.0)
             max_s = tl.load(max_s_ptr + offs_n, mask=mask_n, other=0.0)
@@ -85,19 +86,20 @@ def _logit_grad_kernel(
         tl.store(grad_w_ptr + out_offsets, g_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
 
 
-def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` float32 and ``a``, ``b`` in a model's dtype.
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        alpha: float) -> None:
+    """``acc += alpha * a @ b`` with ``acc`` float32 and ``a``, ``b`` in a model's dtype.
 
     On CUDA, cuBLAS multiplies bf16/fp16 operands and accumulates straight into the float32
     ``acc`` (no rounded intermediate, no extra pass over ``acc``). Elsewhere (the interpreter)
     the operands are upcast.
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
     elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
 
 
 def _chunk_tokens(num_tokens: int, vocab: int, bytes_per_entry: int, block_n: int,
@@ -120,7 +122,8 @@ def mixed_ce_backward(
     strong_hidden: torch.Tensor, strong_weight: torch.Tensor, strong_bias: Optional[torch.Tensor],
     weak_hidden: torch.Tensor, weak_weight: torch.Tensor, weak_bias: Optional[torch.Tensor],
     labels: torch.Tensor, max_strong: torch.Tensor, logsum_strong: torch.Tensor,
-    max_mix: torch.Tensor, logsum_mix: torch.Tensor, coef_mix: torch.Tensor, coef_strong: Optional[torch.Tensor], *, lam: float,
+    max_mix: torch.Tensor, logsum_mix: torch.Tensor, coef_mix: torch.Tensor,
+    coef_strong: Optional[torch.Tensor], *, lam: float,
     softcap: Optional[float], strong_request: GradRequest, weak_request: GradRequest,
     tiles: config.Tiles = config.GRAD_TILES, chunk_bytes: int = config.GRAD_CHUNK_BYTES,
 ) -> tuple[ModelGrads, ModelGrads]:
@@ -149,14 +152,21 @@ def mixed_ce_backward(
     if num_tokens == 0 or not (store_s or store_w):
         return ModelGrads(dh_s, dw_s, db_s), ModelGrads(dh_w, dw_w, db_w)
 
-    # Each model's logit gradient is stored in that model's dtype, the operand dtype of its products.
+    has_gap = coef_strong is not None
+    # Without soft-capping and gap masking, dL/dz_s = lam g and dL/dz_w = (1 - lam) g: one buffer
+    # holds g for both models (half the bytes written and read), scaled in the products instead.
+    shared = (store_s and store_w and softcap is None and not has_gap
+              and strong_hidden.dtype == weak_hidden.dtype)
+    if shared:
+        store_w = False
+    alpha_s, alpha_w = (lam, 1.0 - lam) if shared else (1.0, 1.0)
+    # Each logit gradient is stored in its model's dtype, the operand dtype of its products.
     bytes_per_entry = (strong_hidden.element_size() if store_s else 0) + (
         weak_hidden.element_size() if store_w else 0)
     chunk = _chunk_tokens(num_tokens, vocab, bytes_per_entry, tiles.block_n, chunk_bytes)
     device = strong_hidden.device
     grad_s = torch.empty((chunk, vocab), device=device, dtype=strong_hidden.dtype) if store_s else None
     grad_w = torch.empty((chunk, vocab), device=device, dtype=weak_hidden.dtype) if store_w else None
-    has_gap = coef_strong is not None
     launch_flags = dict(
         STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap, HAS_BIAS_S=strong_bias is not None,
         HAS_BIAS_W=weak_bias is not None, HAS_SOFTCAP=softcap is not None,
@@ -171,7 +181,7 @@ def mixed_ce_backward(
         rows = stop - start
         hs, hw = strong_hidden[start:stop], weak_hidden[start:stop]
         gs = grad_s[:rows] if store_s else None
-        gw = grad_w[:rows] if store_w else None
+        gw = grad_w[:rows] if store_w else (gs if shared else None)
         grid = (triton.cdiv(rows, tiles.block_n), triton.cdiv(vocab, tiles.block_v))
         _logit_grad_kernel[grid](
             hs, strong_weight, strong_bias if strong_bias is not None else unused,
@@ -181,15 +191,16 @@ def mixed_ce_backward(
             coef_strong[start:stop] if has_gap else unused,
             gs if store_s else grad_w, gw if store_w else grad_s,
             rows, vocab, hs.shape[1], hw.shape[1], hs.stride(0), strong_weight.stride(0),
-            hw.stride(0), weak_weight.stride(0), vocab, float(lam), float(softcap or 1.0),
-            **launch_flags,
+            hw.stride(0), weak_weight.stride(0), vocab, float(lam), 1.0 if shared else float(lam),
+            float(softcap or 1.0), **launch_flags,
         )
-        for grad, hidden, weight, dh, dw, db in ((gs, hs, strong_weight, dh_s, dw_s, db_s),
-                                                 (gw, hw, weak_weight, dh_w, dw_w, db_w)):
-            if dh is not None:
-                torch.mm(grad, weight, out=dh[start:stop])
+        for grad, alpha, hidden, weight, dh, dw, db in (
+                (gs, alpha_s, hs, strong_weight, dh_s, dw_s, db_s),
+                (gw, alpha_w, hw, weak_weight, dh_w, dw_w, db_w)):
+            if dh is not None:  # beta=0: the uninitialised output is ignored, not scaled
+                torch.addmm(dh[start:stop], grad, weight, beta=0, alpha=alpha, out=dh[start:stop])
             if dw is not None:
-                _accumulate_product(dw, grad.t(), hidden)
+                _accumulate_product(dw, grad.t(), hidden, alpha)
             if db is not None:
-                db += grad.sum(dim=0, dtype=torch.float32)
+                db.add_(grad.sum(dim=0, dtype=torch.float32), alpha=alpha)
     return ModelGrads(dh_s, dw_s, db_s), ModelGrads(dh_w, dw_w, db_w)

@@ -41,14 +41,15 @@ def logits_tile(
     """
     mask_n = offs_n < num_tokens
     mask_v = offs_v < vocab
+    # Row pointers once per tile, in int64: V * d passes 2^31 for the largest heads.
+    h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
-        h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :],
-                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        h = tl.load(h_rows + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_rows + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
         if UPCAST_DOT:
             h = h.to(tl.float32)
             w = w.to(tl.float32)

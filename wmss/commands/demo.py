@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-dir", help="keep everything here (default: a temporary "
                         "directory, removed at the end)")
     parser.add_argument("--train-size", type=int, default=defaults.train_size)
+    parser.add_argument("--pretrain-size", type=int, default=defaults.pretrain_size,
+                        help="lines of arithmetic text the base model M0 is trained on (0: M0 is "
+                        "the random initialisation)")
     parser.add_argument("--eval-size", type=int, default=defaults.eval_size)
     parser.add_argument("--digits", type=int, default=defaults.digits)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
@@ -24,7 +27,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    settings = DemoSettings(train_size=args.train_size, eval_size=args.eval_size,
+    settings = DemoSettings(train_size=args.train_size, pretrain_size=args.pretrain_size,
+                            eval_size=args.eval_size,
                             digits=args.digits, hidden_size=args.hidden_size,
                             num_layers=args.num_layers, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, seed=args.seed)

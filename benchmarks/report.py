@@ -1,0 +1,195 @@
+"""Markdown tables from a results CSV: each provider's p50 time and peak memory, and wmss's ratios
+against the best peer and against ``gemm_floor``.
+
+``wmss`` in the ratios is ``wmss_triton`` when the CSV has figures for it (a GPU run), else
+``wmss_torch``. Every ratio is wmss / other: below 1, wmss is faster (or leaner). The best peer
+is the fastest (or leanest) of naive, torch_compile, liger_concat and cce_concat at that point,
+named next to the ratio. Only the latest run of each (kernel, provider, shape, dtype) is shown.
+
+``python -m benchmarks.report benchmarks/results/<device>.csv`` prints the full report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from . import csvio
+from .providers import FLOOR, PEERS, PROVIDERS
+from .shapes import ALL_SHAPES, KERNEL_MODES
+
+# The mode that answers "what does a training step cost" for each kernel.
+HEADLINE_MODE = {"fused_loss": "full", "token_entropy": "forward"}
+# Short cell text for rows without figures.
+STATUS_TEXT = {"unsupported": "n/a", "mismatch": "mismatch", "oom": "oom", "error": "error"}
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 1000 else f"{x:.3g}"
+
+
+def _sort_key(point):
+    kernel, mode, shape, dtype, x = point
+    shapes = list(ALL_SHAPES)
+    return (list(KERNEL_MODES).index(kernel), KERNEL_MODES[kernel].index(mode),
+            shapes.index(shape) if shape in shapes else len(shapes), shape, dtype, x)
+
+
+class Table:
+    """The latest figures of one CSV, indexed by point (kernel, mode, shape, dtype, tokens)."""
+
+    def __init__(self, rows: list[dict]):
+        rows = csvio.latest_rows(rows)
+        self.device = rows[0]["device"] if rows else "unknown"
+        self.versions = sorted({r["version"] for r in rows})
+        self.timestamps = sorted({r["timestamp"] for r in rows})
+        self.ms: dict = {}  # (point, provider) -> p50 ms
+        self.mb: dict = {}
+        self.status: dict = {}  # (point, provider) or (group, provider) -> status
+        self.notes: dict = defaultdict(set)  # (provider, status, detail) -> {"shape dtype"}
+        self.points: set = set()
+        self.kernel_providers: dict = defaultdict(set)  # kernel -> providers with rows for it
+        for row in rows:
+            self.kernel_providers[row["kernel"]].add(row["provider"])
+            cfg = csvio.config_of(row)
+            group = (row["kernel"], row["mode"], cfg.get("shape"), cfg.get("dtype"))
+            status, provider = cfg.get("status", "ok"), row["provider"]
+            if status != "ok":
+                x = int(row["x_value"]) if row["x_value"] else None
+                self.status[(group + (x,), provider)] = status
+                self.notes[(provider, status, cfg.get("detail", ""))].add(
+                    f"{row['kernel']} {cfg.get('shape')} {cfg.get('dtype')}")
+                if x is not None:
+                    self.points.add(group + (x,))
+                continue
+            point = group + (int(row["x_value"]),)
+            self.points.add(point)
+            target = self.ms if row["metric"] == "speed" else self.mb
+            target[(point, provider)] = csvio.figure(row)
+        self.providers = [p for p in PROVIDERS
+                          if any(k[1] == p for k in (*self.ms, *self.status))]
+        has_triton = any(p == "wmss_triton" for _, p in self.ms)
+        self.wmss = "wmss_triton" if has_triton else "wmss_torch"
+
+    def cell(self, point, provider) -> str:
+        ms = self.ms.get((point, provider))
+        if ms is None:
+            status = self.status.get((point, provider)) or self.status.get((point[:4] + (None,),
+                                                                             provider))
+            return STATUS_TEXT.get(status, "—")
+        mb = self.mb.get((point, provider))
+        return f"{_num(ms)} ms" + ("" if mb is None else f" · {_num(mb)} MB")
+
+    def ratios(self, point) -> list[str]:
+        """wmss / best peer (time, memory) and wmss / gemm_floor (time)."""
+        out = []
+        for figures in (self.ms, self.mb):
+            mine = figures.get((point, self.wmss))
+            peers = {p: figures[(point, p)] for p in PEERS if (point, p) in figures}
+            if mine is None or not peers:
+                out.append("—")
+                continue
+            best = min(peers, key=peers.get)
+            out.append(f"{mine / peers[best]:.2f}x ({best})" if peers[best] > 0 else "—")
+        mine, floor = self.ms.get((point, self.wmss)), self.ms.get((point, FLOOR))
+        out.append(f"{mine / floor:.2f}x" if mine is not None and floor else "—")
+        return out
+
+    def markdown(self, points) -> str:
+        points = sorted(points, key=_sort_key)
+        kernels = {p[0] for p in points}
+        providers = [p for p in self.providers
+                     if any(p in self.kernel_providers[k] for k in kernels)]
+        header = ["shape", "dtype", "tokens", *providers,
+                  f"{self.wmss} / best peer: time", "memory", f"{self.wmss} / {FLOOR}"]
+        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for point in points:
+            _, _, shape, dtype, x = point
+            cells = [shape, dtype, str(x), *(self.cell(point, p) for p in providers),
+                     *self.ratios(point)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def headline_points(self, kernel: str) -> list:
+        """Per (shape, dtype): the largest token count at which wmss has a time."""
+        mode = HEADLINE_MODE[kernel]
+        best: dict = {}
+        for point in self.points:
+            if point[0] == kernel and point[1] == mode and (point, self.wmss) in self.ms:
+                key = point[2:4]
+                if key not in best or point[4] > best[key][4]:
+                    best[key] = point
+        return list(best.values())
+
+    def notes_markdown(self) -> str:
+        lines = []
+        for (provider, status, detail), where in sorted(self.notes.items()):
+            lines.append(f"- `{provider}` {status} ({', '.join(sorted(where))}): {detail}")
+        return "\n".join(lines)
+
+
+def _preamble(table: Table) -> str:
+    lines = [f"Device: `{table.device}`; wmss {', '.join(table.versions)}; "
+             f"runs {table.timestamps[0]} to {table.timestamps[-1]}." if table.timestamps else
+             f"Device: `{table.device}`."]
+    if table.device == "cpu":
+        lines.append("**CPU figures** (`wmss bench --quick`: tiny heads, `perf_counter` medians, "
+                     "resident-set growth): they show the harness at work and the formulas' "
+                     "relative costs on a CPU, not GPU performance.")
+    lines.append(f"Cells: p50 time · peak memory above the inputs (MB = 2^20 bytes). Ratios are "
+                 f"`{table.wmss}` / other (below 1: wmss faster or leaner); the best peer is the "
+                 f"best of {', '.join(PEERS)} at that point. `n/a`: provider unsupported there; "
+                 f"`mismatch`: failed the correctness check, not timed; `oom`: out of memory; "
+                 f"`—`: not measured.")
+    return "\n\n".join(lines)
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """The headline tables (a full step of the fused loss; token_entropy's forward) at the
+    largest token count of each shape and dtype."""
+    table = Table(rows)
+    parts = [_preamble(table)]
+    for kernel, mode in HEADLINE_MODE.items():
+        points = table.headline_points(kernel)
+        if points:
+            parts.append(f"**{kernel}, {mode}** (largest token count measured)\n\n"
+                         + table.markdown(points))
+    return "\n\n".join(parts)
+
+
+def full_markdown(rows: list[dict]) -> str:
+    """Summary, then every (kernel, mode) at every token count, then the notes."""
+    table = Table(rows)
+    parts = [f"# wmss benchmarks: {table.device}", summary_markdown(rows), "## All measurements"]
+    for kernel, modes in KERNEL_MODES.items():
+        for mode in modes:
+            points = [p for p in table.points if p[0] == kernel and p[1] == mode]
+            if points:
+                parts.append(f"### {kernel}, {mode}\n\n" + table.markdown(points))
+    notes = table.notes_markdown()
+    if notes:
+        parts.append("## Providers without figures\n\n" + notes)
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(csv_path: Path) -> Path:
+    """Write ``<device>.md`` next to the CSV; returns its path."""
+    csv_path = Path(csv_path)
+    path = csv_path.with_suffix(".md")
+    path.write_text(full_markdown(csvio.read_rows(csv_path)))
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--summary", action="store_true", help="only the headline tables")
+    args = parser.parse_args(argv)
+    rows = csvio.read_rows(args.csv)
+    print(summary_markdown(rows) if args.summary else full_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

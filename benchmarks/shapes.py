@@ -1,0 +1,107 @@
+"""What the benchmarks sweep: lm-head shapes of real models, token counts, dtypes, and every tunable
+number of the measurement (warm-up, repetitions, tolerances), kept in this one file.
+
+A benchmark point is one ``Problem``: a kernel (``fused_loss`` or ``token_entropy``), one pair of
+lm heads (``HeadShape``), a dtype and a token count. ``fused_loss`` is timed in three modes
+(``forward``, ``backward``, ``full`` = forward + backward); ``token_entropy`` in ``forward`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from wmss import defaults
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The lm heads of a (strong, weak) model pair: weights ``[vocab, d_strong]`` and
+    ``[vocab, d_weak]``.
+
+    ``token_entropy`` is measured on the strong head alone.
+    """
+
+    name: str
+    d_strong: int
+    d_weak: int
+    vocab: int
+    softcap: Optional[float] = None
+    models: str = ""
+
+
+# Real heads (hidden size and vocabulary from each model's config.json).
+GPU_SHAPES = {
+    s.name: s for s in (
+        HeadShape("qwen3-4b", 2560, 2560, 151936, models="Qwen3-4B / Qwen3-4B"),
+        HeadShape("llama3-8b", 4096, 4096, 128256, models="Llama-3-8B / Llama-3-8B"),
+        # Gemma's 262k vocabulary with a final-logit softcap of 30, as the benchmark issue asks:
+        # 30 is Gemma 2's value (Gemma 3 configs ship final_logit_softcapping=None), so this shape
+        # exercises the softcap path at the largest vocabulary.
+        HeadShape("gemma3-4b", 2560, 2560, 262144, softcap=30.0, models="Gemma-3-4B, softcap 30"),
+        # Different widths: a Qwen3-4B strong model trained against a Qwen3-1.7B weak one.
+        HeadShape("qwen3-4b-1.7b", 2560, 2048, 151936, models="Qwen3-4B / Qwen3-1.7B"),
+    )
+}
+
+# CPU-sized heads for `wmss bench --quick` (and the tests): the figures they give are CPU figures.
+QUICK_SHAPES = {
+    s.name: s for s in (
+        HeadShape("tiny-pair", 128, 96, 4096, models="tiny CPU pair (different widths)"),
+    )
+}
+
+ALL_SHAPES = {**GPU_SHAPES, **QUICK_SHAPES}
+
+KERNEL_MODES = {
+    "fused_loss": ("forward", "backward", "full"),
+    "token_entropy": ("forward",),
+}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# Providers left out of the default sweep on a device (name them with --providers to run them).
+# wmss_torch is the CPU path: on a GPU its [256, 2048] blocks make ~10^5 small launches per step at
+# the larger shapes, seconds per call that would eat the sweep's time budget.
+NOT_BY_DEFAULT = {"cuda": ("wmss_torch",), "cpu": ()}
+
+# Token sweeps. IEEE float32 products run ~15x slower than bf16 on the tensor cores, so the float32
+# sweep stops earlier to keep a whole shape inside one 10-minute GPU command.
+GPU_TOKENS = {"bfloat16": (1024, 2048, 4096, 8192, 16384), "float32": (1024, 2048, 4096)}
+QUICK_TOKENS = (256, 512)
+QUICK_DTYPES = ("float32",)  # add bfloat16 with --dtypes; it doubles the run
+
+# Every provider's loss and gradients are checked on this many tokens (at the real head shape)
+# before any timing; the float64 truth materialises [tokens, vocab] logits, so keep it small.
+CHECK_TOKENS = {"cuda": 256, "cpu": 128}
+
+# Mixing weight of the benchmarked loss (the paper's default).
+LAM = defaults.LAMBDA
+
+# Inputs: hidden ~ N(0, 1), weight ~ N(0, LOGIT_SCALE^2 / d), so logits have std ~LOGIT_SCALE, like
+# a trained lm head. Every token is supervised (no ignore_index), so no provider's cost depends on
+# how it compacts ignored rows.
+LOGIT_SCALE = 3.0
+SEED = 0
+
+# Relative tolerance of a provider's result against the float64 truth: |loss - truth| / |truth|,
+# and ||grad - truth|| / ||truth|| for each of the four gradients.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+# GPU timing (see measure.py): CUDA events around each call, the L2 cache flushed before it by
+# writing L2_FLUSH_BYTES; GPU_WARMUP_MS of warm-up calls, then GPU_REP_MS of timed calls but at
+# least GPU_MIN_SAMPLES (slow steps) and at most GPU_MAX_SAMPLES (fast ones).
+GPU_WARMUP_MS = 25
+GPU_REP_MS = 100
+GPU_MIN_SAMPLES = 5
+GPU_MAX_SAMPLES = 500
+L2_FLUSH_BYTES = 256 * 2**20
+QUANTILES = (0.5, 0.2, 0.8)  # p50, p20, p80 in the CSV
+
+# CPU timing: time.perf_counter around each call, after CPU_WARMUP_CALLS untimed ones (on top of
+# the warm-up call every measurement starts with).
+CPU_WARMUP_CALLS = 0
+CPU_REPEATS = 5
+
