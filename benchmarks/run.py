@@ -329,8 +329,13 @@ def main(args) -> int:
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.1f} s -> {csv_path}")
     print(f"report: {report_path}")
     if options.plot:
-        for path in plot.plot_results(csv_path):
-            print(f"plot: {path}")
+        try:
+            import matplotlib  # noqa: F401 - the plots' only extra dependency
+        except ImportError:
+            print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        else:
+            for path in plot.plot_results(csv_path):
+                print(f"plot: {path}")
     print()
     print(report.summary_markdown(csvio.read_rows(csv_path)))
     bad = failed_wmss(rows)
