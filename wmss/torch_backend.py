@@ -114,28 +114,26 @@ class TorchEngine:
             raise ValueError("token_block and vocab_block must be positive")
         self.token_block, self.vocab_block = token_block, vocab_block
 
-    def _blocks(self, num_tokens: int, vocab: int):
-        """(vocab slice, token slice) pairs; the vocabulary is the outer loop so each weight block
-        is cast once."""
+    def _blocks(self, num_tokens: int, *heads: _Head):
+        """``(vocab slice, token slice, [(w, b) per head])`` over every block. The vocabulary is
+        the outer loop, so each weight block is cast to the compute dtype once."""
+        vocab = heads[0].weight.shape[0]
         for v0 in range(0, vocab, self.vocab_block):
             vocab_slice = slice(v0, min(v0 + self.vocab_block, vocab))
+            weights = [head.weight_block(vocab_slice) for head in heads]
             for n0 in range(0, num_tokens, self.token_block):
-                yield vocab_slice, slice(n0, min(n0 + self.token_block, num_tokens))
+                yield vocab_slice, slice(n0, min(n0 + self.token_block, num_tokens)), weights
 
     @torch.no_grad()
     def mixed_forward(self, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
                       weak_bias, labels, spec: MixedLossSpec) -> MixedTokenStats:
         strong = _Head(strong_hidden, strong_weight, strong_bias, spec.softcap)
         weak = _Head(weak_hidden, weak_weight, weak_bias, spec.softcap)
-        num_tokens, vocab, device = labels.shape[0], strong_weight.shape[0], labels.device
+        num_tokens, device = labels.shape[0], labels.device
         dtype = torch.promote_types(strong.dtype, weak.dtype)
         acc_s, acc_w = _Online(num_tokens, device, dtype), _Online(num_tokens, device, dtype)
         acc_m = _Online(num_tokens, device, dtype, with_entropy=False)
-        current, weights = None, None
-        for vocab_slice, tokens in self._blocks(num_tokens, vocab):
-            if vocab_slice != current:
-                current = vocab_slice
-                weights = strong.weight_block(vocab_slice), weak.weight_block(vocab_slice)
+        for vocab_slice, tokens, weights in self._blocks(num_tokens, strong, weak):
             targets = _Targets(labels, tokens, vocab_slice)
             z_s = strong.logits(tokens, *weights[0]).to(dtype)
             z_w = weak.logits(tokens, *weights[1]).to(dtype)
@@ -165,10 +163,7 @@ class TorchEngine:
         head = _Head(hidden, weight, bias, softcap)
         num_tokens = labels.shape[0]
         acc = _Online(num_tokens, labels.device, head.dtype)
-        current, block = None, None
-        for vocab_slice, tokens in self._blocks(num_tokens, weight.shape[0]):
-            if vocab_slice != current:
-                current, block = vocab_slice, head.weight_block(vocab_slice)
+        for vocab_slice, tokens, (block,) in self._blocks(num_tokens, head):
             acc.consume(tokens, head.logits(tokens, *block), _Targets(labels, tokens, vocab_slice))
         supervised = labels != ignore_index
         zero = torch.zeros((), device=labels.device, dtype=head.dtype)
@@ -185,7 +180,7 @@ class TorchEngine:
         strong = _Head(strong_hidden, strong_weight, strong_bias, spec.softcap)
         weak = _Head(weak_hidden, weak_weight, weak_bias, spec.softcap)
         lam, softcap = spec.lam, spec.softcap
-        num_tokens, vocab = labels.shape[0], strong_weight.shape[0]
+        num_tokens = labels.shape[0]
 
         def accumulators(head, request):  # float32 (float64 for float64 inputs)
             def zeros(shape, needed):
@@ -197,11 +192,7 @@ class TorchEngine:
         grads_s, grads_w = accumulators(strong, strong_request), accumulators(weak, weak_request)
         if not (strong_request.any or weak_request.any):
             return grads_s, grads_w
-        current, weights = None, None
-        for vocab_slice, tokens in self._blocks(num_tokens, vocab):
-            if vocab_slice != current:
-                current = vocab_slice
-                weights = strong.weight_block(vocab_slice), weak.weight_block(vocab_slice)
+        for vocab_slice, tokens, weights in self._blocks(num_tokens, strong, weak):
             targets = _Targets(labels, tokens, vocab_slice)
             z_s = strong.logits(tokens, *weights[0])
             z_w = weak.logits(tokens, *weights[1])
