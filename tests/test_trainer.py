@@ -143,3 +143,15 @@ def test_trl_sft_trainer_trains_the_pair_with_the_wmss_loss(tmp_path):
                            processing_class=tokenizer)
     with pytest.raises(AttributeError, match="bypass the WMSS loss"):
         plain.train()
+
+
+def test_activation_checkpointing_through_training_arguments(tmp_path):
+    capture = GradientCapture()
+    pair = make_pair()
+    trainer = WMSSTrainer(pair, sgd_args(tmp_path, activation_checkpointing=True),
+                          train_dataset=examples(), data_collator=Collator(0), callbacks=[capture])
+    trainer.train()
+    for model in (pair.strong, pair.weak):
+        flag = getattr(model, "is_activation_checkpointing", None)
+        assert flag if flag is not None else model.is_gradient_checkpointing
+    assert_same_gradients(capture.grads, full_batch_gradient())
