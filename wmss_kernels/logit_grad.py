@@ -30,6 +30,8 @@ from .logit_tiles import logits_tile
 from .results import GradRequest, ModelGrads
 
 _MASKED = tl.constexpr(config.MASKED_LOGIT)
+# torch.addmm(..., out_dtype=) (PyTorch >= 2.8): low-precision operands, float32 accumulator.
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, alpha=alpha)
-    elif a.is_cuda:
+    elif a.is_cuda and _ADDMM_OUT_DTYPE:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
