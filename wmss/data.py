@@ -101,6 +101,13 @@ def encode_records(records: Iterable[dict], tokenizer, max_length: int = MAX_LEN
             for i, record in enumerate(records)]
 
 
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """HF causal-LM shift, kept aligned with the hidden states: position ``t`` predicts
+    ``labels[..., t + 1]`` and the last position predicts nothing. Shifting the labels instead of
+    slicing ``hidden[:, :-1]`` spares a copy of the ``[batch, seq, d]`` hidden states."""
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
 def supervised_tokens(example: dict) -> int:
     """Number of supervised next-token targets (after the HF shift) of an encoded example."""
     return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)

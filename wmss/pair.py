@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
 from . import defaults
+from .data import shift_labels as shift
 from .hf import LMHead, final_hidden_states, unwrap
 from .loss import fused_loss
 from .stats import TokenStats
@@ -56,12 +56,6 @@ class WMSSOutput(ModelOutput):
     entropy_weak: Optional[torch.Tensor] = None
     mixed_fraction: Optional[torch.Tensor] = None
     stats: Optional[TokenStats] = None
-
-
-def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """HF causal-LM shift without slicing the hidden states: position t predicts ``labels[t + 1]``
-    and the last position predicts nothing (so no copy of ``[batch, seq, d]`` is needed)."""
-    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
 _NO_BACKBONE = (
@@ -153,8 +147,8 @@ class WMSSPair(nn.Module):
         strong_head, weak_head = LMHead.of(self.strong), LMHead.of(self.weak)
         hidden_s, bias_s = strong_head.fused_inputs(hidden_s)
         hidden_w, bias_w = weak_head.fused_inputs(hidden_w)
-        targets = shift_labels if shift_labels is not None else _shift_labels(labels,
-                                                                                self.ignore_index)
+        targets = (shift_labels if shift_labels is not None
+                   else shift(labels, self.ignore_index))
         loss, stats = fused_loss(
             hidden_s, strong_head.weight, hidden_w, weak_head.weight, targets, lam=self.lam,
             strong_bias=bias_s, weak_bias=bias_w, ignore_index=self.ignore_index,

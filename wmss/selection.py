@@ -554,16 +554,17 @@ def _check_vocabulary(name: str, model: nn.Module, head: hf.LMHead, catalog: _Ca
 
 
 def _batch_tensors(dataset, indices: list[int], pad_token_id: int, ignore_index: int) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask`` ``[B, T]``; shifted ``targets`` ``[B, T-1]``.
+    """Right-padded ``input_ids``, ``attention_mask`` ``[B, T]``; shifted ``targets`` ``[B, T]``.
 
     ``targets[:, t]`` is the label of position ``t + 1``, predicted by the hidden state at ``t``
-    (the HF shift); padding and unsupervised positions hold ``ignore_index``.
+    (the HF shift, ``wmss.data.shift_labels``); padding, unsupervised positions and the last
+    position hold ``ignore_index``.
     """
     batch = data.collate([dataset[i] for i in indices], pad_token_id)
     labels = torch.where(batch["attention_mask"].bool(), batch["labels"],
                          torch.full_like(batch["labels"], ignore_index))
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "targets": labels[:, 1:]}
+            "targets": data.shift_labels(labels, ignore_index)}
 
 
 def _entropy_sums(model: nn.Module, head: hf.LMHead, batch: dict, backend: str,
@@ -579,7 +580,7 @@ def _entropy_sums(model: nn.Module, head: hf.LMHead, batch: dict, backend: str,
     # The model's own head would need matching dtypes too; some backbones return float32 norms.
     # With a model split across devices (device_map), the head may sit elsewhere than the input.
     head_device = head.weight.device
-    hidden, bias = head.fused_inputs(hidden[:, :-1].to(head_device, head.weight.dtype))
+    hidden, bias = head.fused_inputs(hidden.to(head_device, head.weight.dtype))
     entropy = token_entropy(hidden, head.weight, batch["targets"].to(head_device), bias=bias,
                             softcap=head.softcap, ignore_index=ignore_index, backend=backend)
     # Entropies are >= 0; float32 rounding can leave ~-1e-7 on a near one-hot distribution.
