@@ -29,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from .pipeline import Pipeline, PipelineConfig, load_causal_lm
+from .hf import load_causal_lm
+from .pipeline import Pipeline, PipelineConfig
 from .toy import char_tokenizer, tiny_causal_lm
 
 

@@ -118,3 +118,15 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
     backbone = unwrap(model).base_model
     kwargs.update(use_cache=False, return_dict=True)  # training: no KV cache, a ModelOutput back
     return backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+
+def load_causal_lm(path: str, dtype: str = "float32"):
+    """``AutoModelForCausalLM.from_pretrained(path)`` in ``dtype`` ("float32", "bfloat16",
+    "float16", or "auto": the checkpoint's own), across transformers versions (the keyword was
+    ``torch_dtype`` before 5.0)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return AutoModelForCausalLM.from_pretrained(
+        path, **{key: dtype if dtype == "auto" else getattr(torch, dtype)})

@@ -27,6 +27,7 @@ import torch
 
 from . import defaults
 from .data import Collator, encode_records, load_jsonl, pad_token_id
+from .hf import load_causal_lm
 from .io import atomic_write_json
 
 RUN_FILE, REPORT_FILE = "run.json", "report.json"
@@ -95,15 +96,6 @@ class PipelineConfig:
                          "use_cpu"):
             settings.pop(volatile)
         return settings
-
-
-def load_causal_lm(path: str, dtype: str = "float32"):
-    """``AutoModelForCausalLM.from_pretrained`` with a dtype, across transformers versions."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return AutoModelForCausalLM.from_pretrained(path, **{key: getattr(torch, dtype)})
 
 
 def _read_json(path: str) -> Optional[dict]:

@@ -95,11 +95,9 @@ def add_arguments(parser) -> None:
 
 
 def _load_model(path: str, dtype: str, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
+    from wmss.hf import load_causal_lm
 
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype).to(device)
+    return load_causal_lm(path, dtype).to(device)
 
 
 def _format_summary(summary: dict, output_dir: str) -> str:
