@@ -34,13 +34,3 @@ class TokenStats:
     def map(self, fn) -> "TokenStats":
         """A new ``TokenStats`` with ``fn`` applied to every field (e.g. a reshape)."""
         return TokenStats(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
-
-    def summary(self, labels: torch.Tensor, ignore_index: int = -100) -> dict:
-        """Means over supervised tokens (python floats, for logging); one host sync."""
-        supervised = labels.to(self.mixed.device) != ignore_index
-        count = supervised.sum()
-        sums = [getattr(self, f.name).float().sum() for f in fields(self)]
-        values = (torch.stack(sums) / count.clamp(min=1)).tolist()
-        summary = {f"mean_{f.name}": value for f, value in zip(fields(self), values)}
-        summary["supervised_tokens"] = int(count)
-        return summary
