@@ -104,10 +104,12 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     is the global token mean."""
     out = tmp_path / "delta.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_port=29533", os.path.join(ROOT, "tests", "ddp_worker.py"),
-                    str(out), "2", "2"], check=True, env=env, cwd=ROOT, timeout=300,
-                   capture_output=True)
+    # --standalone: torchrun picks a free local port (a fixed one can be taken on a busy machine).
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", os.path.join(ROOT, "tests", "ddp_worker.py"),
+                          str(out), "2", "2"], env=env, cwd=ROOT, timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
     assert_same_gradients(torch.load(out), full_batch_gradient())
 
 
