@@ -65,14 +65,21 @@ needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TR
 
 @needs_triton
 @pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
-@pytest.mark.parametrize("tiles, num_splits, chunk_tokens", [
-    (Tiles(16, 16, 16, num_warps=4), 7, 16),     # many tiny tiles, uneven splits, many chunks
-    (Tiles(32, 64, 32, num_warps=4), 2, 48),     # chunks that are not a multiple of the tile
-    (Tiles(64, 128, 64), None, None),            # the GPU tiles and automatic choices
-    (Tiles(16, 256, 128, num_warps=4), 1, 10**6),  # one split; one chunk holding every token
+@pytest.mark.parametrize("tiles, num_splits, blocks", [
+    # Many tiny tiles, uneven splits; many token chunks (dW accumulates in float32).
+    (Tiles(16, 16, 16, num_warps=4), 7, (16, 16)),
+    # Token chunks and vocabulary blocks that are not multiples of the tile.
+    (Tiles(32, 64, 32, num_warps=4), 2, (48, 100)),
+    # All tokens at once, several vocabulary blocks: each dW block is written once.
+    (Tiles(16, 32, 16, num_warps=4), 3, (10**6, 64)),
+    # The GPU tiles and automatic choices.
+    (Tiles(64, 128, 64), None, None),
+    # One split; one piece holding the whole [N, V] gradient.
+    (Tiles(16, 256, 128, num_warps=4), 1, (10**6, 10**6)),
 ])
-def test_triton_launchers_under_every_decomposition(tiles, num_splits, chunk_tokens, spec):
+def test_triton_launchers_under_every_decomposition(tiles, num_splits, blocks, spec):
     from wmss_kernels import mixed_ce_backward, mixed_token_stats
+    from wmss_kernels.logit_grad import GradBlocks
 
     inputs, labels, args = flat_inputs()
     flat_labels = labels.reshape(-1)
@@ -80,15 +87,43 @@ def test_triton_launchers_under_every_decomposition(tiles, num_splits, chunk_tok
                               gap_threshold=spec.gap_threshold, ignore_index=-100, tiles=tiles,
                               num_splits=num_splits)
     upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
-    vocab = args[1].shape[0]
-    chunk_bytes = (chunk_tokens or 10**9) * vocab * 4 * 2
     if spec.gap_threshold is None:
         coef_strong = None
     grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
                               stats.max_mix, stats.logsum_mix, coef_mix, coef_strong,
                               lam=spec.lam, softcap=spec.softcap, strong_request=ALL,
-                              weak_request=ALL, tiles=tiles, chunk_bytes=chunk_bytes)
+                              weak_request=ALL, tiles=tiles,
+                              blocks=None if blocks is None else GradBlocks(*blocks))
     check(spec, stats, grads, inputs, labels, upstream, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_tokens, vocab, budget, expected", [
+    (100, 333, 10**9, (100, 333)),            # everything fits: one piece
+    (4096, 151936, 64 * 2**20, (4096, 8192)),  # all tokens, 8192-wide vocabulary blocks
+    (10**6, 151936, 64 * 2**20, (32768, 1024)),  # too many tokens: chunks of the narrowest block
+    (10, 500, 1, (10, 500)),                  # a vocabulary below the narrowest block: one block
+])
+def test_gradient_blocks_fit_the_budget_and_keep_all_tokens_together_when_they_can(
+        num_tokens, vocab, budget, expected):
+    from wmss_kernels.logit_grad import plan_grad_blocks
+
+    tiles = Tiles(64, 128, 64)
+    blocks = plan_grad_blocks(num_tokens, vocab, 2, budget, tiles)
+    assert (blocks.token_chunk, blocks.vocab_block) == expected
+    fits = blocks.token_chunk * blocks.vocab_block * 2 <= budget
+    assert fits or blocks.vocab_block == min(vocab, 1024) or budget < tiles.block_n * 2
+
+
+@needs_triton
+def test_gradient_buffers_take_a_fixed_fraction_of_the_gradients():
+    from wmss_kernels import config
+    from wmss_kernels.logit_grad import gradient_buffer_budget
+
+    gradients = 2 * (151936 + 16384) * 2560 * 2  # the headline pair's bf16 gradients
+    assert gradient_buffer_budget(gradients) == int(config.GRAD_BUFFER_FRACTION * gradients)
+    assert gradient_buffer_budget(1) == config.GRAD_BUFFER_MIN_BYTES
+    assert gradient_buffer_budget(10**12) == config.GRAD_BUFFER_MAX_BYTES
 
 
 @pytest.mark.parametrize("token_block, vocab_block", [(7, 50), (16, 333), (1000, 64)])

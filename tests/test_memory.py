@@ -50,9 +50,9 @@ def test_torch_backend_rss_growth_is_a_small_fraction_of_the_logits():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_backend_cuda_peak_is_gradients_plus_chunk_buffers():
-    from wmss_kernels import config
-
+def test_triton_backend_cuda_peak_is_the_gradients_plus_ten_percent():
+    """Issue 6's bound: peak memory above the inputs at most the gradients themselves (dW in
+    bf16, written once per vocabulary block; dh in bf16 plus its float32 accumulator) plus 10%."""
     import wmss
 
     n, v, d = 4096, 151936, 1024
@@ -60,14 +60,15 @@ def test_triton_backend_cuda_peak_is_gradients_plus_chunk_buffers():
     inputs = dict(strong_hidden=leaf(n, d), strong_weight=leaf(v, d),
                   weak_hidden=leaf(n, d), weak_weight=leaf(v, d))
     labels = torch.randint(0, v, (n,), device="cuda")
+    wmss.fused_loss(**inputs, labels=labels).backward()  # warm-up: kernels, cuBLAS workspace
+    for t in inputs.values():
+        t.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     wmss.fused_loss(**inputs, labels=labels).backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    grads_fp32 = 2 * (v * d + n * d) * 4
-    grads_bf16 = 2 * (v * d + n * d) * 2
-    bound = grads_fp32 + grads_bf16 + config.GRAD_CHUNK_BYTES + 64 * n * 4
-    assert peak < bound, (peak / 2**20, bound / 2**20)
+    gradients = 2 * (v * d * 2 + n * d * (2 + 4))
+    assert peak <= 1.10 * gradients, (peak / 2**20, gradients / 2**20)
     assert peak < n * v * 2, "as large as one bf16 [N, V] logits tensor"

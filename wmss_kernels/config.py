@@ -52,10 +52,17 @@ STATS_PROGRAMS_PER_SM = 2
 # Upper bound on vocabulary splits (partials are [num_stats, splits, tokens] float32).
 MAX_VOCAB_SPLITS = 64
 
-# The backward materialises the logit gradient of a chunk of tokens, [chunk, V] per model, in the
-# compute dtype, and hands it to cuBLAS for the four gradient products. This budget bounds those
-# buffers (both models together); the chunk never drops below one token tile.
-GRAD_CHUNK_BYTES = 512 * 2**20
+# The backward materialises the logit gradient of one (token chunk x vocabulary block) at a time,
+# in the compute dtype (one buffer shared by both models for the paper's loss, one per trained
+# model otherwise), and hands it to cuBLAS for the gradient products. The buffers may take this
+# fraction of the bytes of the gradients being computed (the memory target of issue 6 is the
+# gradients plus 10%), within the absolute bounds below.
+GRAD_BUFFER_FRACTION = 0.08
+GRAD_BUFFER_MIN_BYTES = 32 * 2**20
+GRAD_BUFFER_MAX_BYTES = 1024 * 2**20
+# Vocabulary blocks narrower than this make the weight-gradient product [block, d] too small to
+# fill the GPU; below it the backward cuts the tokens into chunks instead (and accumulates dW).
+MIN_GRAD_VOCAB_BLOCK = 1024
 
 # Finite stand-in for -inf on masked vocabulary columns: exp() of it underflows to exactly 0 and,
 # unlike -inf, multiplying it by 0 gives 0 (not NaN) in the online entropy sum.

@@ -1,4 +1,4 @@
-"""Backward of the mixed-logit loss: logit gradients from recomputed tiles, then four cuBLAS products.
+"""Backward of the mixed-logit loss: logit gradients from recomputed tiles, then cuBLAS products.
 
 With ``g = softmax(z_m) - onehot(y)`` and each token's upstream gradient ``c`` split into
 ``c_mix`` (mixed tokens) and ``c_strong`` (supervised tokens that gap masking sent to plain CE)::
@@ -8,17 +8,27 @@ With ``g = softmax(z_m) - onehot(y)`` and each token's upstream gradient ``c`` s
 
 and, through the soft-cap ``z = c tanh(a / c)``, ``dL/da = dL/dz * (1 - (z / c)^2)``.
 
-The tokens are processed in chunks. For each chunk, ``_logit_grad_kernel`` (grid: token tiles x
-vocabulary tiles) recomputes both models' logit tiles on the tensor cores, forms ``dL/da`` from
-the forward's log-sum-exps, and writes it to a ``[chunk, V]`` buffer per model in the compute
-dtype (one buffer for both when neither soft-capping nor gap masking is on: the two gradients
-are then ``lam g`` and ``(1 - lam) g``). cuBLAS then gives ``dh = dA @ W``, ``dW += dA^T @ h`` (float32 accumulation across
-chunks) and ``db += sum(dA)``. Every reduction runs in a fixed order: results are deterministic.
-Buffers are sized by ``config.GRAD_CHUNK_BYTES``; nothing ``[N, V]`` is ever allocated.
+The ``[N, V]`` logit gradient is cut into vocabulary blocks (and, only when the tokens are too
+many for a useful block, into token chunks as well). For each piece ``_logit_grad_kernel`` (grid:
+token tiles x vocabulary tiles) recomputes both models' logit tiles on the tensor cores, forms
+``dL/da`` from the forward's log-sum-exps and writes it to a buffer in the compute dtype (one
+buffer for both models when neither soft-capping nor gap masking is on: the two gradients are
+then ``lam g`` and ``(1 - lam) g``). cuBLAS then gives, per block,
+
+    dW[block] = dA^T @ h        one product over every token, written once in W's dtype
+    dh       += dA @ W[block]   accumulated in float32 across the vocabulary blocks
+    db[block] = sum(dA)
+
+Blocking the vocabulary (rather than the tokens) means the ``[V, d]`` weight gradient is never
+read back: there are no float32 ``[V, d]`` accumulators and no round-trips through them, only the
+``[N, d]`` float32 accumulator of ``dh``. Every reduction runs in a fixed order: results are
+deterministic. The buffers are sized by ``config.GRAD_BUFFER_*`` (a fraction of the gradients'
+own bytes); nothing ``[N, V]`` is ever allocated.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,8 +48,8 @@ _ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 def _logit_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, max_s_ptr, logsum_s_ptr,
     max_m_ptr, logsum_m_ptr, coef_mix_ptr, coef_strong_ptr, grad_s_ptr, grad_w_ptr,
-    num_tokens, vocab, dim_s, dim_w, stride_hs, stride_ws, stride_hw, stride_ww, stride_grad,
-    lam, strong_scale, softcap,
+    num_tokens, vocab, vocab_start, dim_s, dim_w, stride_hs, stride_ws, stride_hw, stride_ww,
+    stride_grad, lam, strong_scale, softcap,
     STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -50,7 +60,9 @@ def _logit_grad_kernel(
     mask_n = offs_n < num_tokens
     mask = mask_n[:, None] & (offs_v < vocab)[None, :]
 
-    y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    # The weight (and bias) pointers start at this block's first row, ``vocab_start``; the labels
+    # are global vocabulary indices.
+    y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
     onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
     coef_mix = tl.load(coef_mix_ptr + offs_n, mask=mask_n, other=0.0)
     max_m = tl.load(max_m_ptr + offs_n, mask=mask_n, other=0.0)
@@ -104,20 +116,110 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
 
 
-def _chunk_tokens(num_tokens: int, vocab: int, bytes_per_entry: int, block_n: int,
-                  budget_bytes: int) -> int:
-    """Tokens per chunk: as many as ``budget_bytes`` of logit-gradient buffers allow, tile-aligned."""
-    per_token = max(1, vocab * bytes_per_entry)
-    chunk = max(block_n, budget_bytes // per_token // block_n * block_n)
-    return min(chunk, max(num_tokens, 1))
+def _write_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``out = alpha * a @ b`` in ``out``'s dtype (cuBLAS accumulates in float32 and rounds once)."""
+    torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
-def _model_grads(request: GradRequest, hidden, weight, bias) -> tuple:
-    """Allocate a model's outputs: dh in the compute dtype, float32 accumulators for dW and db."""
-    dh = torch.empty_like(hidden) if request.hidden else None
-    dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if request.weight else None
-    db = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if request.bias else None
-    return dh, dw, db
+@dataclass(frozen=True)
+class GradBlocks:
+    """How the backward cuts the ``[N, V]`` logit gradient: ``token_chunk`` x ``vocab_block``."""
+
+    token_chunk: int
+    vocab_block: int
+
+    def __post_init__(self) -> None:
+        if self.token_chunk < 1 or self.vocab_block < 1:
+            raise ValueError(f"GradBlocks must be positive, got {self}")
+
+
+def gradient_buffer_budget(gradient_bytes: int) -> int:
+    """Bytes the logit-gradient buffers may take, for gradients of ``gradient_bytes`` in all."""
+    budget = int(config.GRAD_BUFFER_FRACTION * gradient_bytes)
+    return min(max(budget, config.GRAD_BUFFER_MIN_BYTES), config.GRAD_BUFFER_MAX_BYTES)
+
+
+def plan_grad_blocks(num_tokens: int, vocab: int, bytes_per_entry: int, budget_bytes: int,
+                     tiles: config.Tiles) -> GradBlocks:
+    """The largest pieces whose buffers (``bytes_per_entry`` per logit) fit ``budget_bytes``.
+
+    Every token in one chunk is preferred: each weight-gradient block is then one product over all
+    tokens, written once. Only when that leaves a vocabulary block narrower than
+    ``config.MIN_GRAD_VOCAB_BLOCK`` are the tokens cut into chunks too. Blocks are tile-aligned.
+    """
+    num_tokens, bytes_per_entry = max(num_tokens, 1), max(bytes_per_entry, 1)
+    vocab_block = budget_bytes // (num_tokens * bytes_per_entry) // tiles.block_v * tiles.block_v
+    narrowest = min(vocab, max(config.MIN_GRAD_VOCAB_BLOCK, tiles.block_v))
+    if vocab_block >= narrowest:
+        return GradBlocks(num_tokens, min(vocab_block, vocab))
+    chunk = budget_bytes // (narrowest * bytes_per_entry) // tiles.block_n * tiles.block_n
+    return GradBlocks(min(max(chunk, tiles.block_n), num_tokens), narrowest)
+
+
+class _ModelOutputs:
+    """One model's requested gradients and the float32 accumulators behind them."""
+
+    def __init__(self, request: GradRequest, hidden, weight, bias, token_chunk: int,
+                 single_chunk: bool):
+        self.hidden_dtype = hidden.dtype
+        self.dh = None
+        if request.hidden:
+            # float32 hidden states accumulate in place; others through a [chunk, d] float32 buffer.
+            in_place = hidden.dtype == torch.float32
+            self.dh = torch.zeros_like(hidden) if in_place else torch.empty_like(hidden)
+            self.dh_acc = None if in_place else torch.empty(
+                (token_chunk, hidden.shape[1]), device=hidden.device, dtype=torch.float32)
+        # With one token chunk each dW block is written once; otherwise it accumulates in float32.
+        self.write_dw = single_chunk
+        self.dw = None
+        if request.weight:
+            dtype = weight.dtype if single_chunk else torch.float32
+            self.dw = (torch.empty if single_chunk else torch.zeros)(
+                weight.shape, device=weight.device, dtype=dtype)
+        self.db = torch.zeros(weight.shape[0], device=weight.device,
+                              dtype=torch.float32) if request.bias else None
+
+    def start_chunk(self, tokens: slice) -> Optional[torch.Tensor]:
+        """The float32 ``[rows, d]`` accumulator of ``dh[tokens]``, zeroed."""
+        if self.dh is None:
+            return None
+        rows = tokens.stop - tokens.start
+        acc = self.dh[tokens] if self.dh_acc is None else self.dh_acc[:rows]
+        return acc.zero_()
+
+    def add_block(self, dh_acc, grad, alpha: float, hidden, weight_block, vocab: slice) -> None:
+        """Add one ``[rows, block]`` logit gradient's products."""
+        if dh_acc is not None:
+            _accumulate_product(dh_acc, grad, weight_block, alpha)
+        if self.dw is not None:
+            if self.write_dw:
+                _write_product(self.dw[vocab], grad.t(), hidden, alpha)
+            else:
+                _accumulate_product(self.dw[vocab], grad.t(), hidden, alpha)
+        if self.db is not None:
+            self.db[vocab].add_(grad.sum(dim=0, dtype=torch.float32), alpha=alpha)
+
+    def finish_chunk(self, tokens: slice, dh_acc) -> None:
+        if dh_acc is not None and self.dh_acc is not None:
+            self.dh[tokens].copy_(dh_acc)
+
+    def grads(self, weight_dtype: torch.dtype) -> ModelGrads:
+        dw = None if self.dw is None else self.dw.to(weight_dtype)
+        return ModelGrads(self.dh, dw, self.db)
+
+
+def _zero_grads(request: GradRequest, hidden, weight) -> ModelGrads:
+    """A model's requested gradients when there are no tokens: all zero."""
+    def zeros(needed, like, dtype):
+        return torch.zeros(like.shape, device=like.device, dtype=dtype) if needed else None
+    return ModelGrads(zeros(request.hidden, hidden, hidden.dtype),
+                      zeros(request.weight, weight, weight.dtype),
+                      zeros(request.bias, weight[:, 0], torch.float32))
+
+
+def _gradient_bytes(request: GradRequest, hidden, weight) -> int:
+    return ((hidden.numel() * hidden.element_size() if request.hidden else 0)
+            + (weight.numel() * weight.element_size() if request.weight else 0))
 
 
 def mixed_ce_backward(
@@ -127,7 +229,7 @@ def mixed_ce_backward(
     max_mix: torch.Tensor, logsum_mix: torch.Tensor, coef_mix: torch.Tensor,
     coef_strong: Optional[torch.Tensor], *, lam: float,
     softcap: Optional[float], strong_request: GradRequest, weak_request: GradRequest,
-    tiles: config.Tiles = config.GRAD_TILES, chunk_bytes: int = config.GRAD_CHUNK_BYTES,
+    tiles: config.Tiles = config.GRAD_TILES, blocks: Optional[GradBlocks] = None,
 ) -> tuple[ModelGrads, ModelGrads]:
     """Gradients of ``sum_n c_n * loss_n`` with respect to both models' inputs.
 
@@ -141,19 +243,15 @@ def mixed_ce_backward(
             strong CE under gap masking (0 elsewhere); None when gap masking is off.
         strong_request, weak_request: which gradients to compute; the others come back as None and
             cost nothing (no weak request at all skips the weak products and buffers).
-        tiles, chunk_bytes: launch overrides (tests, tuning).
+        tiles, blocks: launch overrides (tests, tuning); ``blocks`` defaults to
+            ``plan_grad_blocks`` under ``gradient_buffer_budget``.
 
     Returns:
-        ``(strong, weak)`` ``ModelGrads``. ``hidden`` grads are in the hidden dtype; ``weight`` and
-        ``bias`` grads are float32 (the caller casts them to the parameters' dtypes).
+        ``(strong, weak)`` ``ModelGrads``: ``hidden`` and ``weight`` grads in the inputs' dtypes,
+        ``bias`` grads float32 (the caller casts them to the parameters' dtypes).
     """
     num_tokens, vocab = strong_hidden.shape[0], strong_weight.shape[0]
     store_s, store_w = strong_request.any, weak_request.any
-    dh_s, dw_s, db_s = _model_grads(strong_request, strong_hidden, strong_weight, strong_bias)
-    dh_w, dw_w, db_w = _model_grads(weak_request, weak_hidden, weak_weight, weak_bias)
-    if num_tokens == 0 or not (store_s or store_w):
-        return ModelGrads(dh_s, dw_s, db_s), ModelGrads(dh_w, dw_w, db_w)
-
     has_gap = coef_strong is not None
     # Without soft-capping and gap masking, dL/dz_s = lam g and dL/dz_w = (1 - lam) g: one buffer
     # holds g for both models (half the bytes written and read), scaled in the products instead.
@@ -165,10 +263,26 @@ def mixed_ce_backward(
     # Each logit gradient is stored in its model's dtype, the operand dtype of its products.
     bytes_per_entry = (strong_hidden.element_size() if store_s else 0) + (
         weak_hidden.element_size() if store_w else 0)
-    chunk = _chunk_tokens(num_tokens, vocab, bytes_per_entry, tiles.block_n, chunk_bytes)
+    if blocks is None:
+        budget = gradient_buffer_budget(
+            _gradient_bytes(strong_request, strong_hidden, strong_weight)
+            + _gradient_bytes(weak_request, weak_hidden, weak_weight))
+        blocks = plan_grad_blocks(num_tokens, vocab, bytes_per_entry, budget, tiles)
+    chunk, block = min(blocks.token_chunk, max(num_tokens, 1)), min(blocks.vocab_block, vocab)
+    if num_tokens == 0:
+        return _zero_grads(strong_request, strong_hidden, strong_weight), _zero_grads(
+            weak_request, weak_hidden, weak_weight)
+    single_chunk = chunk >= num_tokens
+    out_s = _ModelOutputs(strong_request, strong_hidden, strong_weight, strong_bias, chunk,
+                          single_chunk)
+    out_w = _ModelOutputs(weak_request, weak_hidden, weak_weight, weak_bias, chunk, single_chunk)
+    if not (strong_request.any or weak_request.any):
+        return out_s.grads(strong_weight.dtype), out_w.grads(weak_weight.dtype)
+
     device = strong_hidden.device
-    grad_s = torch.empty((chunk, vocab), device=device, dtype=strong_hidden.dtype) if store_s else None
-    grad_w = torch.empty((chunk, vocab), device=device, dtype=weak_hidden.dtype) if store_w else None
+    # Flat storage, viewed as a contiguous [rows, width] matrix for each piece.
+    buf_s = torch.empty(chunk * block, device=device, dtype=strong_hidden.dtype) if store_s else None
+    buf_w = torch.empty(chunk * block, device=device, dtype=weak_hidden.dtype) if store_w else None
     launch_flags = dict(
         STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap, HAS_BIAS_S=strong_bias is not None,
         HAS_BIAS_W=weak_bias is not None, HAS_SOFTCAP=softcap is not None,
@@ -178,31 +292,33 @@ def mixed_ce_backward(
     )
     # Placeholders for pointers a launch does not read (the kernel never dereferences them).
     unused = max_mix
-    for start in range(0, num_tokens, chunk):
-        stop = min(start + chunk, num_tokens)
-        rows = stop - start
-        hs, hw = strong_hidden[start:stop], weak_hidden[start:stop]
-        gs = grad_s[:rows] if store_s else None
-        gw = grad_w[:rows] if store_w else (gs if shared else None)
-        grid = (triton.cdiv(rows, tiles.block_n), triton.cdiv(vocab, tiles.block_v))
-        _logit_grad_kernel[grid](
-            hs, strong_weight, strong_bias if strong_bias is not None else unused,
-            hw, weak_weight, weak_bias if weak_bias is not None else unused,
-            labels[start:stop], max_strong[start:stop], logsum_strong[start:stop],
-            max_mix[start:stop], logsum_mix[start:stop], coef_mix[start:stop],
-            coef_strong[start:stop] if has_gap else unused,
-            gs if store_s else grad_w, gw if store_w else grad_s,
-            rows, vocab, hs.shape[1], hw.shape[1], hs.stride(0), strong_weight.stride(0),
-            hw.stride(0), weak_weight.stride(0), vocab, float(lam), 1.0 if shared else float(lam),
-            float(softcap or 1.0), **launch_flags,
-        )
-        for grad, alpha, hidden, weight, dh, dw, db in (
-                (gs, alpha_s, hs, strong_weight, dh_s, dw_s, db_s),
-                (gw, alpha_w, hw, weak_weight, dh_w, dw_w, db_w)):
-            if dh is not None:  # beta=0: the uninitialised output is ignored, not scaled
-                torch.addmm(dh[start:stop], grad, weight, beta=0, alpha=alpha, out=dh[start:stop])
-            if dw is not None:
-                _accumulate_product(dw, grad.t(), hidden, alpha)
-            if db is not None:
-                db.add_(grad.sum(dim=0, dtype=torch.float32), alpha=alpha)
-    return ModelGrads(dh_s, dw_s, db_s), ModelGrads(dh_w, dw_w, db_w)
+    for t0 in range(0, num_tokens, chunk):
+        tokens = slice(t0, min(t0 + chunk, num_tokens))
+        rows = tokens.stop - tokens.start
+        hs, hw = strong_hidden[tokens], weak_hidden[tokens]
+        acc_s, acc_w = out_s.start_chunk(tokens), out_w.start_chunk(tokens)
+        for v0 in range(0, vocab, block):
+            columns = slice(v0, min(v0 + block, vocab))
+            width = columns.stop - columns.start
+            ws, ww = strong_weight[columns], weak_weight[columns]
+            gs = buf_s[:rows * width].view(rows, width) if store_s else None
+            gw = buf_w[:rows * width].view(rows, width) if store_w else (gs if shared else None)
+            grid = (triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))
+            _logit_grad_kernel[grid](
+                hs, ws, strong_bias[columns] if strong_bias is not None else unused,
+                hw, ww, weak_bias[columns] if weak_bias is not None else unused,
+                labels[tokens], max_strong[tokens], logsum_strong[tokens],
+                max_mix[tokens], logsum_mix[tokens], coef_mix[tokens],
+                coef_strong[tokens] if has_gap else unused,
+                gs if store_s else gw, gw if store_w else gs,
+                rows, width, v0, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0),
+                hw.stride(0), ww.stride(0), width, float(lam), 1.0 if shared else float(lam),
+                float(softcap or 1.0), **launch_flags,
+            )
+            if strong_request.any:
+                out_s.add_block(acc_s, gs, alpha_s, hs, ws, columns)
+            if weak_request.any:
+                out_w.add_block(acc_w, gw, alpha_w, hw, ww, columns)
+        out_s.finish_chunk(tokens, acc_s)
+        out_w.finish_chunk(tokens, acc_w)
+    return out_s.grads(strong_weight.dtype), out_w.grads(weak_weight.dtype)

@@ -55,8 +55,9 @@ class GradRequest(NamedTuple):
 class ModelGrads(NamedTuple):
     """One model's gradients; an entry is None when it was not requested.
 
-    ``hidden`` is in the hidden states' dtype; ``weight`` and ``bias`` are float32 accumulators
-    (the autograd layer casts them to the parameters' dtypes).
+    Each is either in its input's dtype or a float32 accumulator (the Triton launcher returns
+    ``hidden`` and ``weight`` in the inputs' dtypes and ``bias`` in float32; the ``torch`` engine
+    returns float32 accumulators): the autograd layer casts them to the inputs' dtypes.
     """
 
     hidden: Optional[torch.Tensor]
