@@ -27,6 +27,7 @@ STYLE = {  # provider -> matplotlib line style
     FLOOR: dict(color="black", marker="", linestyle="--"),
     "wmss_torch": dict(color="tab:cyan", marker="D"),
     "wmss_triton": dict(color="tab:blue", marker="D", linewidth=2.5),
+    "wmss_triton_cublas": dict(color="tab:green", marker="D"),
 }
 LEGEND_INCHES = 2.0  # room on the right for the legend
 METRICS = (("speed", "time, p50 (ms)"), ("memory", "peak memory above inputs (MB)"))

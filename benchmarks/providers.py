@@ -16,6 +16,7 @@ needs (``unsupported()`` gives the reason, or None).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -366,7 +367,35 @@ class WmssTriton(WmssTorch):
     devices = ("cuda",)
 
 
+class WmssTritonCublas(WmssTriton):
+    """The Triton kernels reading logit blocks that cuBLAS writes (``LOGIT_SOURCE = "cublas"``),
+    against ``wmss_triton``'s in-kernel ``tl.dot`` tiles: which is faster is a property of the GPU
+    and the Triton version, so the benchmark measures both."""
+
+    name = "wmss_triton_cublas"
+    logit_source = "cublas"
+
+    def loss(self, problem, inputs):
+        with _logit_source(self.logit_source):  # the backward keeps the forward's source
+            return super().loss(problem, inputs)
+
+    def entropy(self, problem, inputs):
+        with _logit_source(self.logit_source):
+            return super().entropy(problem, inputs)
+
+
+@contextlib.contextmanager
+def _logit_source(source: str):
+    from wmss_kernels import config
+
+    saved, config.LOGIT_SOURCE = config.LOGIT_SOURCE, source
+    try:
+        yield
+    finally:
+        config.LOGIT_SOURCE = saved
+
+
 PROVIDERS = {p.name: p for p in (Naive(), TorchCompile(), LigerConcat(), CCEConcat(), GemmFloor(),
-                                 WmssTorch(), WmssTriton())}
+                                 WmssTorch(), WmssTriton(), WmssTritonCublas())}
 PEERS = ("naive", "torch_compile", "liger_concat", "cce_concat")  # what wmss is compared against
 FLOOR = "gemm_floor"

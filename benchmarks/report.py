@@ -1,8 +1,9 @@
 """Markdown tables from a results CSV: each provider's p50 time and peak memory, and wmss's ratios
 against the best peer and against ``gemm_floor``.
 
-``wmss`` in the ratios is ``wmss_triton`` when the CSV has figures for it (a GPU run), else
-``wmss_torch``. Every ratio is wmss / other: below 1, wmss is faster (or leaner). The best peer
+``wmss`` in the ratios is ``wmss_triton`` (the default configuration) when the CSV has figures
+for it (a GPU run), else ``wmss_torch``; ``wmss_triton_cublas`` (the other logit source) has its
+own column. Every ratio is wmss / other: below 1, wmss is faster (or leaner). The best peer
 is the fastest (or leanest) of naive, torch_compile, liger_concat and cce_concat at that point,
 named next to the ratio. Only the latest run of each (kernel, provider, shape, dtype) is shown.
 

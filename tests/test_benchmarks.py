@@ -24,7 +24,7 @@ from benchmarks.shapes import QUICK_SHAPES  # noqa: E402
 COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
            "config", "device", "timestamp", "version"]
 CPU_PROVIDERS = ("naive", "torch_compile", "gemm_floor", "wmss_torch")
-GPU_ONLY = ("liger_concat", "cce_concat", "wmss_triton")
+GPU_ONLY = ("liger_concat", "cce_concat", "wmss_triton", "wmss_triton_cublas")
 MODES = {"fused_loss": ("forward", "backward", "full"), "token_entropy": ("forward",)}
 CPU = torch.device("cpu")
 TINY = QUICK_SHAPES["tiny-pair"]

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, DEVICE, FAST_BACKENDS, TOLERANCE, assert_close, make_inputs
+from conftest import (
+    BACKENDS,
+    DEVICE,
+    FAST_BACKENDS,
+    TOLERANCE,
+    TRITON_AVAILABLE,
+    assert_close,
+    make_inputs,
+)
 from oracle import truth
 
 import wmss
@@ -65,6 +73,38 @@ def test_loss_gradients_and_stats_match_float64(backend, options, dtype):
     inputs, labels = make_inputs(dtype=dtype, bias=options.pop("bias", False))
     upstream = torch.rand(labels.shape, device=DEVICE)  # per-token upstream gradients
     check_against_truth(inputs, labels, backend, dtype, upstream=upstream, **options)
+
+
+needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_the_cublas_logit_source_matches_float64(options, dtype, monkeypatch):
+    from wmss_kernels import config
+
+    monkeypatch.setattr(config, "LOGIT_SOURCE", "cublas")
+    options = dict(options)
+    inputs, labels = make_inputs(dtype=dtype, bias=options.pop("bias", False))
+    check_against_truth(inputs, labels, "triton", dtype, **options)
+
+
+@needs_triton
+def test_the_backward_uses_the_logit_source_of_its_forward(monkeypatch):
+    from wmss_kernels import config
+
+    inputs, labels = make_inputs()
+    monkeypatch.setattr(config, "LOGIT_SOURCE", "cublas")
+    loss = wmss.fused_loss(**inputs, labels=labels, backend="triton")
+    # An unpinned backward would read this and raise.
+    monkeypatch.setattr(config, "LOGIT_SOURCE", "not-a-source")
+    loss.backward()
+    monkeypatch.setattr(config, "LOGIT_SOURCE", "triton")
+    expected = truth(inputs, labels)
+    for name, leaf in inputs.items():
+        assert_close(leaf.grad.reshape(-1), expected.grads[name].reshape(-1) / (labels != -100).sum(),
+                     1e-5, name)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -64,6 +64,7 @@ needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TR
 
 
 @needs_triton
+@pytest.mark.parametrize("logit_source", ["triton", "cublas"])
 @pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
 @pytest.mark.parametrize("tiles, num_splits, blocks", [
     # Many tiny tiles, uneven splits; many token chunks (dW accumulates in float32).
@@ -77,10 +78,14 @@ needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TR
     # One split; one piece holding the whole [N, V] gradient.
     (Tiles(16, 256, 128, num_warps=4), 1, (10**6, 10**6)),
 ])
-def test_triton_launchers_under_every_decomposition(tiles, num_splits, blocks, spec):
-    from wmss_kernels import mixed_ce_backward, mixed_token_stats
+def test_triton_launchers_under_every_decomposition(tiles, num_splits, blocks, spec,
+                                                    logit_source, monkeypatch):
+    from wmss_kernels import config, mixed_ce_backward, mixed_token_stats
     from wmss_kernels.logit_grad import GradBlocks
 
+    # The "cublas" forward reads logit blocks of about 100 columns: several blocks, merged.
+    monkeypatch.setattr(config, "STATS_LOGIT_BYTES", 115 * 100 * 8)
+    monkeypatch.setattr(config, "LOGIT_SOURCE", logit_source)
     inputs, labels, args = flat_inputs()
     flat_labels = labels.reshape(-1)
     stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
@@ -95,6 +100,51 @@ def test_triton_launchers_under_every_decomposition(tiles, num_splits, blocks, s
                               weak_request=ALL, tiles=tiles,
                               blocks=None if blocks is None else GradBlocks(*blocks))
     check(spec, stats, grads, inputs, labels, upstream, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("logit_source", ["triton", "cublas"])
+@pytest.mark.parametrize("strong_dtype, weak_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)], ids=str)
+@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
+def test_low_precision_gradients_in_several_blocks(strong_dtype, weak_dtype, spec, logit_source):
+    """Gradients stored in 2-byte dtypes (for "cublas", over the float32 logits they replace,
+    with a different row stride per model when the dtypes differ), in several pieces."""
+    from wmss_kernels import mixed_ce_backward, mixed_token_stats
+    from wmss_kernels.logit_grad import GradBlocks
+
+    inputs, labels = make_inputs(shape=(5, 23), vocab=333, d_strong=72, d_weak=40, bias=True)
+    dtypes = {k: strong_dtype if k.startswith("strong") else weak_dtype for k in inputs}
+    inputs = {k: v.detach().to(dtypes[k]).requires_grad_() for k, v in inputs.items()}
+    args = [inputs[k].detach().reshape(-1, inputs[k].shape[-1]) if k.endswith("hidden")
+            else inputs[k].detach() for k in ("strong_hidden", "strong_weight", "strong_bias",
+                                              "weak_hidden", "weak_weight", "weak_bias")]
+    flat_labels = labels.reshape(-1)
+    stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
+                              gap_threshold=spec.gap_threshold, ignore_index=-100,
+                              logit_source=logit_source)
+    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
+    grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
+                              stats.max_mix, stats.logsum_mix, coef_mix,
+                              None if spec.gap_threshold is None else coef_strong, lam=spec.lam,
+                              softcap=spec.softcap, strong_request=ALL, weak_request=ALL,
+                              blocks=GradBlocks(50, 96), logit_source=logit_source)
+    for grad, name in zip([*grads[0], *grads[1]], ["strong_hidden", "strong_weight",
+                                                   "strong_bias", "weak_hidden", "weak_weight",
+                                                   "weak_bias"]):
+        assert grad.dtype in (dtypes[name], torch.float32), name
+    check(spec, stats, grads, inputs, labels, upstream, 1e-2)
+
+
+@needs_triton
+def test_an_unknown_logit_source_is_refused_by_name(monkeypatch):
+    from wmss_kernels import config, mixed_token_stats
+
+    monkeypatch.setattr(config, "LOGIT_SOURCE", "tensorcores")
+    inputs, labels, args = flat_inputs()
+    with pytest.raises(ValueError, match="WMSS_LOGIT_SOURCE"):
+        mixed_token_stats(*args, labels.reshape(-1), lam=0.5, softcap=None, gap_threshold=None,
+                          ignore_index=-100)
 
 
 @needs_triton

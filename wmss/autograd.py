@@ -26,6 +26,7 @@ class MixedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
                 weak_bias, labels, spec: MixedLossSpec, engine):
+        engine = engine.pinned()  # the backward runs with the configuration the forward saw
         stats = engine.mixed_forward(strong_hidden, strong_weight, strong_bias, weak_hidden,
                                      weak_weight, weak_bias, labels, spec)
         ctx.save_for_backward(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,

@@ -2,7 +2,8 @@
 
 An engine provides three operations on flat inputs (hidden ``[N, d]``, weight ``[V, d]``, bias
 ``[V]``, labels ``[N]``): ``mixed_forward`` and ``mixed_backward`` of the mixed loss, and
-``single_forward`` (one model's entropies). ``"reference"`` has no engine: it is the plain
+``single_forward`` (one model's entropies), and ``pinned()``, the engine with its run-time
+configuration fixed (the autograd Function pins at the forward). ``"reference"`` has no engine: it is the plain
 formula, differentiated by autograd (see ``wmss.reference``).
 """
 

@@ -114,6 +114,10 @@ class TorchEngine:
             raise ValueError("token_block and vocab_block must be positive")
         self.token_block, self.vocab_block = token_block, vocab_block
 
+    def pinned(self) -> "TorchEngine":
+        """This engine (it has no run-time configuration to fix between forward and backward)."""
+        return self
+
     def _blocks(self, num_tokens: int, *heads: _Head):
         """``(vocab slice, token slice, [(w, b) per head])`` over every block. The vocabulary is
         the outer loop, so each weight block is cast to the compute dtype once."""

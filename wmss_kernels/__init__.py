@@ -3,6 +3,7 @@
 * ``fused_stats``: forward statistics of one model or of the mixed pair, logits never materialised.
 * ``logit_grad``: backward, recomputing logit tiles and handing chunked logit gradients to cuBLAS.
 * ``logit_tiles``: the ``@triton.jit`` building blocks both share.
+* ``products``: the cuBLAS products, with float32 accumulation whatever the operands.
 * ``results``: the launchers' result types (plain PyTorch; the ``torch`` backend returns them too).
 * ``config``: every tile shape, launch setting and memory budget.
 

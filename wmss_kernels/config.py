@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -42,6 +43,20 @@ STATS_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages
 GRAD_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
 # Under TRITON_INTERPRET=1 every program runs serially in numpy: fewer, larger tiles run faster,
 # and the shapes in the tests are small, so the GPU tiles are kept (they are exercised as-is).
+
+# Where the kernels get logit tiles from. "triton": each kernel computes its tiles with tl.dot from
+# the hidden states and weights (no logits in memory). "cublas": cuBLAS writes float32 logit
+# blocks [tokens, block] to memory and the kernels read them (every product at cuBLAS speed, for
+# one write and one read of each block). Which is faster depends on how close tl.dot comes to
+# cuBLAS on the GPU at hand (benchmarks/NOTES.md); WMSS_LOGIT_SOURCE overrides the default, and
+# assigning LOGIT_SOURCE at run time takes effect at the next call.
+LOGIT_SOURCES = ("triton", "cublas")
+LOGIT_SOURCE = os.environ.get("WMSS_LOGIT_SOURCE", "triton")
+# "cublas" source, forward: bytes of float32 logit blocks held at once (both models together).
+STATS_LOGIT_BYTES = 256 * 2**20
+# Kernels that read logit blocks from memory (no dot products, so block_d is unused): rows per
+# program and columns per step.
+LOADED_TILES = Tiles(block_n=16, block_v=256, block_d=16, num_warps=4, num_stages=2)
 
 # Token tiles per combine program (the combine of split-vocabulary partials is elementwise).
 COMBINE_BLOCK_N = 128
@@ -98,3 +113,12 @@ def multiprocessor_count(device_index: int) -> int:
     if is_interpreting() or not torch.cuda.is_available():
         return 1
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def logit_source(override: Optional[str] = None) -> str:
+    """``override`` if given, else the current ``LOGIT_SOURCE``; checked."""
+    source = LOGIT_SOURCE if override is None else override
+    if source not in LOGIT_SOURCES:
+        raise ValueError(f"logit source (wmss_kernels.config.LOGIT_SOURCE, WMSS_LOGIT_SOURCE) must "
+                         f"be one of {LOGIT_SOURCES}, got {source!r}")
+    return source

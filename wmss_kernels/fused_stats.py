@@ -19,6 +19,10 @@ Two launches:
    atomics) and writes the per-token outputs.
 
 The same kernels serve one model alone (``TWO_MODELS=False``) for ``token_entropy``.
+
+With the ``"cublas"`` logit source (``config.LOGIT_SOURCE``), step 1 is replaced by cuBLAS writing
+float32 logit blocks ``[N, block]`` and ``_block_stats_kernel`` folding each block into the
+statistics (one split, merged block after block, in order); step 2 is the same.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import triton
 import triton.language as tl
 
 from . import config
-from .logit_tiles import logits_tile, merge_stats, online_update, online_update_lse
+from .logit_tiles import fold_pair, loaded_logits_tile, logits_tile, merge_stats
+from .products import write_product
 from .results import MixedTokenStats, SingleTokenStats
 
 _MASKED = tl.constexpr(config.MASKED_LOGIT)
@@ -79,25 +84,28 @@ def _stats_partials_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         valid_v = (offs_v < v_end)[None, :]
         is_target = (offs_v[None, :] == y[:, None]) & valid_v
-
         z_s = logits_tile(hs_ptr, ws_ptr, bs_ptr, offs_n, offs_v, num_tokens, vocab, dim_s,
                           stride_hs, stride_ws, softcap, HAS_BIAS_S, HAS_SOFTCAP, UPCAST_DOT,
                           DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         z_s = tl.where(valid_v, z_s, _MASKED)
-        m_s, s_s, t_s = online_update(m_s, s_s, t_s, z_s)
-        zy_s += tl.sum(tl.where(is_target, z_s, 0.0), axis=1)
-
+        z_w = z_s
         if TWO_MODELS:
             z_w = logits_tile(hw_ptr, ww_ptr, bw_ptr, offs_n, offs_v, num_tokens, vocab, dim_w,
                               stride_hw, stride_ww, softcap, HAS_BIAS_W, HAS_SOFTCAP, UPCAST_DOT,
                               DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
             z_w = tl.where(valid_v, z_w, _MASKED)
-            m_w, s_w, t_w = online_update(m_w, s_w, t_w, z_w)
-            zy_w += tl.sum(tl.where(is_target, z_w, 0.0), axis=1)
-            m_m, s_m = online_update_lse(m_m, s_m, lam * z_s + (1.0 - lam) * z_w)
+        m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m = fold_pair(
+            m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, z_s, z_w, is_target, lam,
+            TWO_MODELS)
 
-    row = num_splits * num_tokens  # distance between consecutive partial rows
-    out = part_ptr + split * num_tokens + offs_n
+    _store_partials(part_ptr + split * num_tokens + offs_n, num_splits * num_tokens, mask_n,
+                    m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, TWO_MODELS)
+
+
+@triton.jit
+def _store_partials(out, row, mask_n, m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m,
+                    TWO_MODELS: tl.constexpr):
+    """Store one split's statistics at ``out`` (partial rows ``row`` apart, layout above)."""
     tl.store(out + 0 * row, m_s, mask=mask_n)
     tl.store(out + 1 * row, s_s, mask=mask_n)
     tl.store(out + 2 * row, t_s, mask=mask_n)
@@ -109,6 +117,70 @@ def _stats_partials_kernel(
         tl.store(out + 7 * row, zy_w, mask=mask_n)
         tl.store(out + 8 * row, m_m, mask=mask_n)
         tl.store(out + 9 * row, s_m, mask=mask_n)
+
+
+@triton.jit
+def _merge_stored(out, row, mask_n, m, s, t, zy):
+    """Merge the running ``(m, s, t, z[y])`` with the one stored at ``out`` (rows ``row`` apart)."""
+    m, s, t = merge_stats(tl.load(out, mask=mask_n, other=0.0),
+                          tl.load(out + row, mask=mask_n, other=1.0),
+                          tl.load(out + 2 * row, mask=mask_n, other=0.0), m, s, t)
+    return m, s, t, zy + tl.load(out + 3 * row, mask=mask_n, other=0.0)
+
+
+@triton.jit
+def _block_stats_kernel(
+    zs_ptr, zw_ptr, bs_ptr, bw_ptr, labels_ptr, part_ptr, num_tokens, width, vocab_start,
+    stride_z, lam, softcap,
+    TWO_MODELS: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, MERGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``_stats_partials_kernel`` over one vocabulary block of raw logits that cuBLAS wrote to
+    memory (``[num_tokens, width]`` float32, columns ``vocab_start + c``), merged into the single
+    split of ``part_ptr`` when ``MERGE`` (every block after the first)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < num_tokens
+    y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
+
+    m_s = tl.full((BLOCK_N,), _MASKED, tl.float32)
+    s_s = tl.zeros((BLOCK_N,), tl.float32)
+    t_s = tl.zeros((BLOCK_N,), tl.float32)
+    zy_s = tl.zeros((BLOCK_N,), tl.float32)
+    m_w = tl.full((BLOCK_N,), _MASKED, tl.float32)
+    s_w = tl.zeros((BLOCK_N,), tl.float32)
+    t_w = tl.zeros((BLOCK_N,), tl.float32)
+    zy_w = tl.zeros((BLOCK_N,), tl.float32)
+    m_m = tl.full((BLOCK_N,), _MASKED, tl.float32)
+    s_m = tl.zeros((BLOCK_N,), tl.float32)
+    for c0 in range(0, width, BLOCK_V):
+        offs_v = c0 + tl.arange(0, BLOCK_V)
+        valid_v = (offs_v < width)[None, :]
+        is_target = (offs_v[None, :] == y[:, None]) & valid_v
+        z_s = loaded_logits_tile(zs_ptr, bs_ptr, offs_n, offs_v, num_tokens, width, stride_z,
+                                 softcap, HAS_BIAS_S, HAS_SOFTCAP)
+        z_s = tl.where(valid_v, z_s, _MASKED)
+        z_w = z_s
+        if TWO_MODELS:
+            z_w = loaded_logits_tile(zw_ptr, bw_ptr, offs_n, offs_v, num_tokens, width,
+                                     stride_z, softcap, HAS_BIAS_W, HAS_SOFTCAP)
+            z_w = tl.where(valid_v, z_w, _MASKED)
+        m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m = fold_pair(
+            m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, z_s, z_w, is_target, lam,
+            TWO_MODELS)
+
+    out = part_ptr + offs_n
+    if MERGE:  # each program owns its token rows: this read-modify-write has no race
+        m_s, s_s, t_s, zy_s = _merge_stored(out, num_tokens, mask_n, m_s, s_s, t_s, zy_s)
+        if TWO_MODELS:
+            m_w, s_w, t_w, zy_w = _merge_stored(out + 4 * num_tokens, num_tokens, mask_n, m_w,
+                                                s_w, t_w, zy_w)
+            zero = tl.zeros((BLOCK_N,), tl.float32)
+            m_m, s_m, _ = merge_stats(tl.load(out + 8 * num_tokens, mask=mask_n, other=0.0),
+                                      tl.load(out + 9 * num_tokens, mask=mask_n, other=1.0),
+                                      zero, m_m, s_m, zero)
+    _store_partials(out, num_tokens, mask_n, m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m,
+                    TWO_MODELS)
 
 
 @triton.jit
@@ -195,13 +267,52 @@ def _choose_splits(num_tokens: int, vocab: int, tiles: config.Tiles, device: tor
     return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split * tiles.block_v
 
 
-def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, tiles, num_splits):
+def _block_width(num_tokens: int, vocab: int, bytes_per_entry: int, budget: int,
+                 tiles: config.Tiles) -> int:
+    """Vocabulary entries per logit block: what ``budget`` allows, tile-aligned, at least a tile."""
+    width = budget // (max(num_tokens, 1) * bytes_per_entry) // tiles.block_v * tiles.block_v
+    return min(vocab, max(width, tiles.block_v))
+
+
+def _partials_from_cublas(hs, ws, bs, hw, ww, bw, labels, partials, *, two_models, lam, softcap,
+                          tiles: config.Tiles):
+    """Fill the single split of ``partials`` from float32 logit blocks written by cuBLAS."""
+    num_tokens, vocab = hs.shape[0], ws.shape[0]
+    models = 2 if two_models else 1
+    width = _block_width(num_tokens, vocab, 4 * models, config.STATS_LOGIT_BYTES, tiles)
+    flat_s = torch.empty(num_tokens * width, device=hs.device, dtype=torch.float32)
+    flat_w = torch.empty_like(flat_s) if two_models else flat_s
+    grid = (triton.cdiv(num_tokens, tiles.block_n),)
+    for v0 in range(0, vocab, width):
+        columns = slice(v0, min(v0 + width, vocab))
+        cols = columns.stop - columns.start
+        z_s = flat_s[:num_tokens * cols].view(num_tokens, cols)
+        z_w = flat_w[:num_tokens * cols].view(num_tokens, cols)
+        write_product(z_s, hs, ws[columns].t())
+        if two_models:
+            write_product(z_w, hw, ww[columns].t())
+        _block_stats_kernel[grid](
+            z_s, z_w, bs[columns] if bs is not None else z_s,
+            bw[columns] if bw is not None else z_s, labels, partials, num_tokens, cols, v0,
+            cols, float(lam), float(softcap or 1.0), TWO_MODELS=two_models,
+            HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None, HAS_SOFTCAP=softcap is not None,
+            MERGE=v0 > 0, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+
+
+def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, tiles, num_splits,
+            logit_source):
     hs, ws, bs = strong
     num_tokens, vocab = hs.shape[0], ws.shape[0]
     two_models = weak is not None
     hw, ww, bw = weak if two_models else (hs, ws, None)
     device = hs.device
-    splits, vocab_per_split = _choose_splits(num_tokens, vocab, tiles, device, num_splits)
+    source = config.logit_source(logit_source)
+    if source == "cublas":
+        splits = 1
+    else:
+        splits, vocab_per_split = _choose_splits(num_tokens, vocab, tiles, device, num_splits)
     num_partials = NUM_PARTIALS_TWO_MODELS if two_models else NUM_PARTIALS_ONE_MODEL
     partials = torch.empty((num_partials, splits, num_tokens), device=device, dtype=torch.float32)
     out = torch.zeros((NUM_OUTPUTS, num_tokens), device=device, dtype=torch.float32)
@@ -209,17 +320,21 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
     if num_tokens == 0:
         return out, mixed.view(torch.bool)
 
-    grid = (triton.cdiv(num_tokens, tiles.block_n), splits)
-    _stats_partials_kernel[grid](
-        hs, ws, bs if bs is not None else ws, hw, ww, bw if bw is not None else ww, labels,
-        partials, num_tokens, vocab, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0),
-        hw.stride(0), ww.stride(0), vocab_per_split, float(lam), float(softcap or 1.0),
-        TWO_MODELS=two_models, HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
-        HAS_SOFTCAP=softcap is not None, UPCAST_DOT=config.upcast_dot_operands(),
-        DOT_PRECISION=config.dot_precision(), BLOCK_N=tiles.block_n,
-        BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
+    if source == "cublas":
+        _partials_from_cublas(hs, ws, bs, hw, ww, bw, labels, partials, two_models=two_models,
+                              lam=lam, softcap=softcap, tiles=config.LOADED_TILES)
+    else:
+        grid = (triton.cdiv(num_tokens, tiles.block_n), splits)
+        _stats_partials_kernel[grid](
+            hs, ws, bs if bs is not None else ws, hw, ww, bw if bw is not None else ww, labels,
+            partials, num_tokens, vocab, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0),
+            hw.stride(0), ww.stride(0), vocab_per_split, float(lam), float(softcap or 1.0),
+            TWO_MODELS=two_models, HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
+            HAS_SOFTCAP=softcap is not None, UPCAST_DOT=config.upcast_dot_operands(),
+            DOT_PRECISION=config.dot_precision(), BLOCK_N=tiles.block_n,
+            BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
     combine_grid = (triton.cdiv(num_tokens, config.COMBINE_BLOCK_N),)
     _stats_combine_kernel[combine_grid](
         partials, labels, *out.unbind(0), mixed, num_tokens, splits, float(lam),
@@ -234,6 +349,7 @@ def mixed_token_stats(
     weak_hidden: torch.Tensor, weak_weight: torch.Tensor, weak_bias: Optional[torch.Tensor],
     labels: torch.Tensor, *, lam: float, softcap: Optional[float], gap_threshold: Optional[float],
     ignore_index: int, tiles: config.Tiles = config.STATS_TILES, num_splits: Optional[int] = None,
+    logit_source: Optional[str] = None,
 ) -> MixedTokenStats:
     """Per-token loss and statistics of the mixed-logit cross-entropy, without materialising logits.
 
@@ -243,7 +359,8 @@ def mixed_token_stats(
         strong_bias: ``[V]`` or None.
         weak_hidden, weak_weight, weak_bias: the weak model's, ``[N, d_w]``, ``[V, d_w]``, ``[V]``.
         labels: ``[N]`` int64, each in ``[0, V)`` or equal to ``ignore_index`` (not checked here).
-        tiles, num_splits: launch overrides (tests, tuning); defaults from ``config``.
+        tiles, num_splits, logit_source: launch overrides (tests, tuning); defaults from
+            ``config`` (``num_splits`` and ``tiles`` apply to the ``"triton"`` logit source).
 
     Returns:
         ``MixedTokenStats`` of float32 ``[N]`` tensors (``mixed`` is bool).
@@ -251,14 +368,14 @@ def mixed_token_stats(
     out, mixed = _launch((strong_hidden, strong_weight, strong_bias),
                          (weak_hidden, weak_weight, weak_bias), labels, lam=lam, softcap=softcap,
                          gap_threshold=gap_threshold, ignore_index=ignore_index, tiles=tiles,
-                         num_splits=num_splits)
+                         num_splits=num_splits, logit_source=logit_source)
     return MixedTokenStats(*out.unbind(0), mixed)
 
 
 def single_token_stats(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     *, softcap: Optional[float], ignore_index: int, tiles: config.Tiles = config.STATS_TILES,
-    num_splits: Optional[int] = None,
+    num_splits: Optional[int] = None, logit_source: Optional[str] = None,
 ) -> SingleTokenStats:
     """Per-token entropy, log-sum-exp and target log-prob of one model's next-token distribution.
 
@@ -268,7 +385,7 @@ def single_token_stats(
     """
     out, _ = _launch((hidden, weight, bias), None, labels, lam=1.0, softcap=softcap,
                      gap_threshold=None, ignore_index=ignore_index, tiles=tiles,
-                     num_splits=num_splits)
+                     num_splits=num_splits, logit_source=logit_source)
     fields = MixedTokenStats(*out.unbind(0), mixed=None)
     return SingleTokenStats(fields.entropy_strong, fields.max_strong + fields.logsum_strong,
                             fields.logprob_strong)

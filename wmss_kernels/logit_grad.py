@@ -19,6 +19,9 @@ then ``lam g`` and ``(1 - lam) g``). cuBLAS then gives, per block,
     dh       += dA @ W[block]   accumulated in float32 across the vocabulary blocks
     db[block] = sum(dA)
 
+With the ``"cublas"`` logit source (``config.LOGIT_SOURCE``), cuBLAS writes both models' float32
+logits of the piece and ``_loaded_grad_kernel`` overwrites them with the gradients in place.
+
 Blocking the vocabulary (rather than the tokens) means the ``[V, d]`` weight gradient is never
 read back: there are no float32 ``[V, d]`` accumulators and no round-trips through them, only the
 ``[N, d]`` float32 accumulator of ``dh``. Every reduction runs in a fixed order: results are
@@ -36,12 +39,63 @@ import triton
 import triton.language as tl
 
 from . import config
-from .logit_tiles import logits_tile
+from .logit_tiles import loaded_logits_tile, logits_tile
+from .products import accumulate_product, write_product
 from .results import GradRequest, ModelGrads
 
 _MASKED = tl.constexpr(config.MASKED_LOGIT)
-# torch.addmm(..., out_dtype=) (PyTorch >= 2.8): low-precision operands, float32 accumulator.
-_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+@triton.jit
+def _row_terms(labels_ptr, max_s_ptr, logsum_s_ptr, max_m_ptr, logsum_m_ptr, coef_mix_ptr,
+               coef_strong_ptr, offs_n, mask_n, vocab_start, HAS_GAP: tl.constexpr):
+    """Per-token inputs of the gradient for rows ``offs_n``: the label as a column of the block
+    that starts at ``vocab_start``, the coefficients and the log-sum-exp pairs."""
+    y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
+    coef_mix = tl.load(coef_mix_ptr + offs_n, mask=mask_n, other=0.0)
+    max_m = tl.load(max_m_ptr + offs_n, mask=mask_n, other=0.0)
+    logsum_m = tl.load(logsum_m_ptr + offs_n, mask=mask_n, other=0.0)
+    coef_strong = tl.zeros_like(coef_mix)
+    max_s = tl.zeros_like(coef_mix)
+    logsum_s = tl.zeros_like(coef_mix)
+    if HAS_GAP:
+        coef_strong = tl.load(coef_strong_ptr + offs_n, mask=mask_n, other=0.0)
+        max_s = tl.load(max_s_ptr + offs_n, mask=mask_n, other=0.0)
+        logsum_s = tl.load(logsum_s_ptr + offs_n, mask=mask_n, other=0.0)
+    return y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s
+
+
+@triton.jit
+def _store_logit_grads(
+    z_s, z_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s,
+    grad_s_ptr, grad_w_ptr, stride_grad_s, stride_grad_w, lam, strong_scale, softcap,
+    STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Write ``dL/da`` of one tile for the strong and/or weak model (formulas in the module doc).
+
+    ``z_s``, ``z_w``: float32 soft-capped logit tiles; ``mask``: the tile's valid entries.
+    """
+    onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
+    # softmax = exp((z - max) - log s): z - max is exact near the max, at any logit offset.
+    # Lanes outside the tile's valid rows/columns are pinned to exp(MASKED) = 0 (no overflow).
+    z_m = lam * z_s + (1.0 - lam) * z_w
+    p_m = tl.exp(tl.where(mask, (z_m - max_m[:, None]) - logsum_m[:, None], _MASKED))
+    g_mix = coef_mix[:, None] * (p_m - onehot)
+    rows = offs_n.to(tl.int64)[:, None]
+    if STORE_S:
+        g_s = strong_scale * g_mix  # lam, or 1 when the buffer is shared by both models
+        if HAS_GAP:
+            p_s = tl.exp(tl.where(mask, (z_s - max_s[:, None]) - logsum_s[:, None], _MASKED))
+            g_s += coef_strong[:, None] * (p_s - onehot)
+        if HAS_SOFTCAP:
+            g_s *= 1.0 - (z_s / softcap) * (z_s / softcap)
+        tl.store(grad_s_ptr + rows * stride_grad_s + offs_v[None, :], g_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+    if STORE_W:
+        g_w = (1.0 - lam) * g_mix
+        if HAS_SOFTCAP:
+            g_w *= 1.0 - (z_w / softcap) * (z_w / softcap)
+        tl.store(grad_w_ptr + rows * stride_grad_w + offs_v[None, :], g_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -49,25 +103,22 @@ def _logit_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, max_s_ptr, logsum_s_ptr,
     max_m_ptr, logsum_m_ptr, coef_mix_ptr, coef_strong_ptr, grad_s_ptr, grad_w_ptr,
     num_tokens, vocab, vocab_start, dim_s, dim_w, stride_hs, stride_ws, stride_hw, stride_ww,
-    stride_grad, lam, strong_scale, softcap,
+    stride_grad_s, stride_grad_w, lam, strong_scale, softcap,
     STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One (token tile, vocabulary tile) of the ``[num_tokens, vocab]`` block starting at
+    ``vocab_start``: both models' logit tiles recomputed with ``tl.dot``, then their gradients.
+    The weight (and bias) pointers start at the block's first row."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < num_tokens
     mask = mask_n[:, None] & (offs_v < vocab)[None, :]
-
-    # The weight (and bias) pointers start at this block's first row, ``vocab_start``; the labels
-    # are global vocabulary indices.
-    y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
-    onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
-    coef_mix = tl.load(coef_mix_ptr + offs_n, mask=mask_n, other=0.0)
-    max_m = tl.load(max_m_ptr + offs_n, mask=mask_n, other=0.0)
-    logsum_m = tl.load(logsum_m_ptr + offs_n, mask=mask_n, other=0.0)
-
+    y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s = _row_terms(
+        labels_ptr, max_s_ptr, logsum_s_ptr, max_m_ptr, logsum_m_ptr, coef_mix_ptr,
+        coef_strong_ptr, offs_n, mask_n, vocab_start, HAS_GAP)
     # Both models' logits are needed for the mixture's softmax, even when one takes no gradient.
     z_s = logits_tile(hs_ptr, ws_ptr, bs_ptr, offs_n, offs_v, num_tokens, vocab, dim_s, stride_hs,
                       stride_ws, softcap, HAS_BIAS_S, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION,
@@ -75,50 +126,44 @@ def _logit_grad_kernel(
     z_w = logits_tile(hw_ptr, ww_ptr, bw_ptr, offs_n, offs_v, num_tokens, vocab, dim_w, stride_hw,
                       stride_ww, softcap, HAS_BIAS_W, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION,
                       BLOCK_N, BLOCK_V, BLOCK_D)
-    # softmax = exp((z - max) - log s): z - max is exact near the max, at any logit offset.
-    # Lanes outside the tile's valid rows/columns are pinned to exp(MASKED) = 0 (no overflow).
-    z_m = lam * z_s + (1.0 - lam) * z_w
-    p_m = tl.exp(tl.where(mask, (z_m - max_m[:, None]) - logsum_m[:, None], _MASKED))
-    g_mix = coef_mix[:, None] * (p_m - onehot)
-    out_offsets = offs_n.to(tl.int64)[:, None] * stride_grad + offs_v[None, :]
-
-    if STORE_S:
-        g_s = strong_scale * g_mix  # lam, or 1 when the buffer is shared by both models
-        if HAS_GAP:
-            coef_strong = tl.load(coef_strong_ptr + offs_n, mask=mask_n, other=0.0)
-            max_s = tl.load(max_s_ptr + offs_n, mask=mask_n, other=0.0)
-            logsum_s = tl.load(logsum_s_ptr + offs_n, mask=mask_n, other=0.0)
-            p_s = tl.exp(tl.where(mask, (z_s - max_s[:, None]) - logsum_s[:, None], _MASKED))
-            g_s += coef_strong[:, None] * (p_s - onehot)
-        if HAS_SOFTCAP:
-            g_s *= 1.0 - (z_s / softcap) * (z_s / softcap)
-        tl.store(grad_s_ptr + out_offsets, g_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
-    if STORE_W:
-        g_w = (1.0 - lam) * g_mix
-        if HAS_SOFTCAP:
-            g_w *= 1.0 - (z_w / softcap) * (z_w / softcap)
-        tl.store(grad_w_ptr + out_offsets, g_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
+    _store_logit_grads(z_s, z_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m, coef_strong,
+                       max_s, logsum_s, grad_s_ptr, grad_w_ptr, stride_grad_s, stride_grad_w, lam,
+                       strong_scale, softcap, STORE_S, STORE_W, HAS_GAP, HAS_SOFTCAP)
 
 
-def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                        alpha: float) -> None:
-    """``acc += alpha * a @ b`` with ``acc`` float32 and ``a``, ``b`` in a model's dtype.
+@triton.jit
+def _loaded_grad_kernel(
+    zs_ptr, zw_ptr, bs_ptr, bw_ptr, labels_ptr, max_s_ptr, logsum_s_ptr, max_m_ptr, logsum_m_ptr,
+    coef_mix_ptr, coef_strong_ptr, grad_s_ptr, grad_w_ptr, num_tokens, width, vocab_start,
+    stride_grad_s, stride_grad_w, lam, strong_scale, softcap,
+    STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The ``"cublas"`` logit source: the gradients of a ``[num_tokens, width]`` block of raw
+    float32 logits that cuBLAS wrote, written IN PLACE over those logits.
 
-    On CUDA, cuBLAS multiplies bf16/fp16 operands and accumulates straight into the float32
-    ``acc`` (no rounded intermediate, no extra pass over ``acc``). Elsewhere (the interpreter)
-    the operands are upcast.
+    Each program owns whole rows and walks their columns in order, so writing a gradient entry
+    of ``e <= 4`` bytes at ``row * 4 * width + e * column`` only ever overwrites logits of the
+    same row that it has already read (``e * column <= 4 * column``), and never ones it will read.
+    ``stride_grad_*`` are the row strides in gradient elements (``4 * width / e``).
     """
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b, alpha=alpha)
-    elif a.is_cuda and _ADDMM_OUT_DTYPE:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
-
-
-def _write_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """``out = alpha * a @ b`` in ``out``'s dtype (cuBLAS accumulates in float32 and rounds once)."""
-    torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < num_tokens
+    y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s = _row_terms(
+        labels_ptr, max_s_ptr, logsum_s_ptr, max_m_ptr, logsum_m_ptr, coef_mix_ptr,
+        coef_strong_ptr, offs_n, mask_n, vocab_start, HAS_GAP)
+    for c0 in range(0, width, BLOCK_V):
+        offs_v = c0 + tl.arange(0, BLOCK_V)
+        mask = mask_n[:, None] & (offs_v < width)[None, :]
+        z_s = loaded_logits_tile(zs_ptr, bs_ptr, offs_n, offs_v, num_tokens, width, width,
+                                 softcap, HAS_BIAS_S, HAS_SOFTCAP)
+        z_w = loaded_logits_tile(zw_ptr, bw_ptr, offs_n, offs_v, num_tokens, width, width,
+                                 softcap, HAS_BIAS_W, HAS_SOFTCAP)
+        _store_logit_grads(z_s, z_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m,
+                           coef_strong, max_s, logsum_s, grad_s_ptr, grad_w_ptr, stride_grad_s,
+                           stride_grad_w, lam, strong_scale, softcap, STORE_S, STORE_W, HAS_GAP,
+                           HAS_SOFTCAP)
 
 
 @dataclass(frozen=True)
@@ -190,12 +235,12 @@ class _ModelOutputs:
     def add_block(self, dh_acc, grad, alpha: float, hidden, weight_block, vocab: slice) -> None:
         """Add one ``[rows, block]`` logit gradient's products."""
         if dh_acc is not None:
-            _accumulate_product(dh_acc, grad, weight_block, alpha)
+            accumulate_product(dh_acc, grad, weight_block, alpha)
         if self.dw is not None:
             if self.write_dw:
-                _write_product(self.dw[vocab], grad.t(), hidden, alpha)
+                write_product(self.dw[vocab], grad.t(), hidden, alpha)
             else:
-                _accumulate_product(self.dw[vocab], grad.t(), hidden, alpha)
+                accumulate_product(self.dw[vocab], grad.t(), hidden, alpha)
         if self.db is not None:
             self.db[vocab].add_(grad.sum(dim=0, dtype=torch.float32), alpha=alpha)
 
@@ -222,6 +267,90 @@ def _gradient_bytes(request: GradRequest, hidden, weight) -> int:
             + (weight.numel() * weight.element_size() if request.weight else 0))
 
 
+class _BlockGrads:
+    """Produces the logit gradients of one (token chunk, vocabulary block) piece.
+
+    ``"triton"`` source: ``_logit_grad_kernel`` recomputes the logit tiles with ``tl.dot`` and
+    writes the gradients to buffers in the models' dtypes. ``"cublas"`` source: cuBLAS writes
+    both models' float32 logits, and ``_loaded_grad_kernel`` overwrites them with the gradients.
+    Returns ``(g_s, g_w)``: ``[rows, width]`` matrices (``g_w is g_s`` when ``shared``; None for a
+    model that is not stored).
+    """
+
+    def __init__(self, source, tiles, chunk, block, hs, ws, bs, hw, ww, bw, labels, max_strong,
+                 logsum_strong, max_mix, logsum_mix, coef_mix, coef_strong, *, lam, softcap,
+                 store_s, store_w, shared):
+        self.source, self.tiles, self.shared = source, tiles, shared
+        self.heads = (hs, ws, bs), (hw, ww, bw)
+        self.store = store_s, store_w
+        has_gap = coef_strong is not None
+        unused = max_mix  # placeholder for pointers a launch never dereferences
+        self.unused = unused
+        self.row_inputs = (labels, max_strong, logsum_strong, max_mix, logsum_mix, coef_mix,
+                           coef_strong if has_gap else unused)
+        self.scalars = (float(lam), 1.0 if shared else float(lam), float(softcap or 1.0))
+        self.flags = dict(STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap,
+                          HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
+                          HAS_SOFTCAP=softcap is not None)
+        device = hs.device
+        if source == "cublas":
+            self.buffers = [torch.empty(chunk * block, device=device, dtype=torch.float32)
+                            for _ in range(2)]
+        else:
+            self.buffers = [torch.empty(chunk * block, device=device, dtype=h.dtype) if stored
+                            else None for h, stored in ((hs, store_s), (hw, store_w))]
+
+    def __call__(self, tokens: slice, columns: slice):
+        rows, width = tokens.stop - tokens.start, columns.stop - columns.start
+        (hs, ws, bs), (hw, ww, bw) = [(h[tokens], w[columns], None if b is None else b[columns])
+                                      for h, w, b in self.heads]
+        biases = [self.unused if b is None else b for b in (bs, bw)]
+        row_inputs = [t[tokens] for t in self.row_inputs]
+        if self.source == "cublas":
+            logits = [buf[:rows * width].view(rows, width) for buf in self.buffers]
+            write_product(logits[0], hs, ws.t())
+            write_product(logits[1], hw, ww.t())
+            # The gradients overwrite the logits: viewed in the model's dtype, each float32 row
+            # of ``width`` entries holds ``ratio * width`` of them, of which the first ``width``
+            # are the gradient's row.
+            grads = []
+            for (h, _, _), logit in zip(self.heads, logits):
+                ratio = 4 // h.element_size()
+                grads.append(logit.view(-1).view(h.dtype).view(rows, ratio * width)[:, :width])
+            g_s, g_w = self._stored(grads)
+            grid = (triton.cdiv(rows, config.LOADED_TILES.block_n),)
+            _loaded_grad_kernel[grid](
+                logits[0], logits[1], *biases, *row_inputs, *self._pointers(g_s, g_w), rows,
+                width, columns.start, grads[0].stride(0), grads[1].stride(0), *self.scalars, **self.flags, BLOCK_N=config.LOADED_TILES.block_n,
+                BLOCK_V=config.LOADED_TILES.block_v, num_warps=config.LOADED_TILES.num_warps,
+                num_stages=config.LOADED_TILES.num_stages)
+            return g_s, g_w
+        grads = [None if buf is None else buf[:rows * width].view(rows, width)
+                 for buf in self.buffers]
+        g_s, g_w = self._stored(grads)
+        tiles = self.tiles
+        grid = (triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))
+        _logit_grad_kernel[grid](
+            hs, ws, biases[0], hw, ww, biases[1], *row_inputs, *self._pointers(g_s, g_w), rows,
+            width, columns.start, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0),
+            hw.stride(0), ww.stride(0), width, width, *self.scalars, **self.flags,
+            UPCAST_DOT=config.upcast_dot_operands(), DOT_PRECISION=config.dot_precision(),
+            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        return g_s, g_w
+
+    def _stored(self, grads):
+        """``(g_s, g_w)`` from the per-model matrices: None where not stored, shared if so."""
+        g_s = grads[0] if self.store[0] else None
+        g_w = grads[1] if self.store[1] else (g_s if self.shared else None)
+        return g_s, g_w
+
+    @staticmethod
+    def _pointers(g_s, g_w):
+        """Kernel pointer arguments: a stand-in (never written) for a model that is not stored."""
+        return (g_s if g_s is not None else g_w), (g_w if g_w is not None else g_s)
+
+
 def mixed_ce_backward(
     strong_hidden: torch.Tensor, strong_weight: torch.Tensor, strong_bias: Optional[torch.Tensor],
     weak_hidden: torch.Tensor, weak_weight: torch.Tensor, weak_bias: Optional[torch.Tensor],
@@ -230,6 +359,7 @@ def mixed_ce_backward(
     coef_strong: Optional[torch.Tensor], *, lam: float,
     softcap: Optional[float], strong_request: GradRequest, weak_request: GradRequest,
     tiles: config.Tiles = config.GRAD_TILES, blocks: Optional[GradBlocks] = None,
+    logit_source: Optional[str] = None,
 ) -> tuple[ModelGrads, ModelGrads]:
     """Gradients of ``sum_n c_n * loss_n`` with respect to both models' inputs.
 
@@ -243,8 +373,9 @@ def mixed_ce_backward(
             strong CE under gap masking (0 elsewhere); None when gap masking is off.
         strong_request, weak_request: which gradients to compute; the others come back as None and
             cost nothing (no weak request at all skips the weak products and buffers).
-        tiles, blocks: launch overrides (tests, tuning); ``blocks`` defaults to
-            ``plan_grad_blocks`` under ``gradient_buffer_budget``.
+        tiles, blocks, logit_source: launch overrides (tests, tuning); ``blocks`` defaults to
+            ``plan_grad_blocks`` under ``gradient_buffer_budget``, ``logit_source`` to
+            ``config.LOGIT_SOURCE``; ``tiles`` apply to the ``"triton"`` source.
 
     Returns:
         ``(strong, weak)`` ``ModelGrads``: ``hidden`` and ``weight`` grads in the inputs' dtypes,
@@ -260,9 +391,12 @@ def mixed_ce_backward(
     if shared:
         store_w = False
     alpha_s, alpha_w = (lam, 1.0 - lam) if shared else (1.0, 1.0)
-    # Each logit gradient is stored in its model's dtype, the operand dtype of its products.
-    bytes_per_entry = (strong_hidden.element_size() if store_s else 0) + (
-        weak_hidden.element_size() if store_w else 0)
+    source = config.logit_source(logit_source)
+    if source == "cublas":  # both models' float32 logits; the gradients overwrite them in place
+        bytes_per_entry = 8
+    else:  # each logit gradient in its model's dtype, the operand dtype of its products
+        bytes_per_entry = (strong_hidden.element_size() if store_s else 0) + (
+            weak_hidden.element_size() if store_w else 0)
     if blocks is None:
         budget = gradient_buffer_budget(
             _gradient_bytes(strong_request, strong_hidden, strong_weight)
@@ -279,42 +413,18 @@ def mixed_ce_backward(
     if not (strong_request.any or weak_request.any):
         return out_s.grads(strong_weight.dtype), out_w.grads(weak_weight.dtype)
 
-    device = strong_hidden.device
-    # Flat storage, viewed as a contiguous [rows, width] matrix for each piece.
-    buf_s = torch.empty(chunk * block, device=device, dtype=strong_hidden.dtype) if store_s else None
-    buf_w = torch.empty(chunk * block, device=device, dtype=weak_hidden.dtype) if store_w else None
-    launch_flags = dict(
-        STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap, HAS_BIAS_S=strong_bias is not None,
-        HAS_BIAS_W=weak_bias is not None, HAS_SOFTCAP=softcap is not None,
-        UPCAST_DOT=config.upcast_dot_operands(), DOT_PRECISION=config.dot_precision(),
-        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
-    # Placeholders for pointers a launch does not read (the kernel never dereferences them).
-    unused = max_mix
+    block_grads = _BlockGrads(
+        source, tiles, chunk, block, strong_hidden, strong_weight, strong_bias, weak_hidden,
+        weak_weight, weak_bias, labels, max_strong, logsum_strong, max_mix, logsum_mix, coef_mix,
+        coef_strong, lam=lam, softcap=softcap, store_s=store_s, store_w=store_w, shared=shared)
     for t0 in range(0, num_tokens, chunk):
         tokens = slice(t0, min(t0 + chunk, num_tokens))
-        rows = tokens.stop - tokens.start
         hs, hw = strong_hidden[tokens], weak_hidden[tokens]
         acc_s, acc_w = out_s.start_chunk(tokens), out_w.start_chunk(tokens)
         for v0 in range(0, vocab, block):
             columns = slice(v0, min(v0 + block, vocab))
-            width = columns.stop - columns.start
             ws, ww = strong_weight[columns], weak_weight[columns]
-            gs = buf_s[:rows * width].view(rows, width) if store_s else None
-            gw = buf_w[:rows * width].view(rows, width) if store_w else (gs if shared else None)
-            grid = (triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))
-            _logit_grad_kernel[grid](
-                hs, ws, strong_bias[columns] if strong_bias is not None else unused,
-                hw, ww, weak_bias[columns] if weak_bias is not None else unused,
-                labels[tokens], max_strong[tokens], logsum_strong[tokens],
-                max_mix[tokens], logsum_mix[tokens], coef_mix[tokens],
-                coef_strong[tokens] if has_gap else unused,
-                gs if store_s else gw, gw if store_w else gs,
-                rows, width, v0, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0),
-                hw.stride(0), ww.stride(0), width, float(lam), 1.0 if shared else float(lam),
-                float(softcap or 1.0), **launch_flags,
-            )
+            gs, gw = block_grads(tokens, columns)
             if strong_request.any:
                 out_s.add_block(acc_s, gs, alpha_s, hs, ws, columns)
             if weak_request.any:

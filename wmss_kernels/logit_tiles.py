@@ -2,8 +2,11 @@
 
 * ``logits_tile``: one ``[BLOCK_N, BLOCK_V]`` tile of ``h @ W^T (+ b)``, optionally soft-capped,
   accumulated in float32 on the tensor cores; the full logits never exist in memory.
+* ``loaded_logits_tile``: the same tile read from a logit block that cuBLAS wrote to memory
+  (the ``"cublas"`` logit source, see ``config.LOGIT_SOURCE``).
 * ``online_update``: folds one logit tile into running per-token statistics that give, at the end
-  of the vocabulary, the log-sum-exp and the entropy of the softmax.
+  of the vocabulary, the log-sum-exp and the entropy of the softmax; ``fold_pair`` does it for
+  both models and their mixture.
 
 Online statistics, per token and relative to the running maximum ``m``::
 
@@ -54,12 +57,35 @@ def logits_tile(
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return bias_and_softcap(acc, b_ptr, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def bias_and_softcap(z, b_ptr, offs_v, mask_v, softcap, HAS_BIAS: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr):
+    """``softcap(z + b)`` for a float32 tile whose columns are ``offs_v``."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        z += bias[None, :]
     if HAS_SOFTCAP:
-        acc = softcap * tanh(acc / softcap)
-    return acc
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def loaded_logits_tile(z_ptr, b_ptr, offs_n, offs_v, num_tokens, width, stride_z, softcap,
+                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """float32 tile of ``softcap(z + b)`` read from a ``[num_tokens, width]`` block of raw logits.
+
+    ``offs_v`` are columns of the block (``b_ptr`` points at the block's first bias entry).
+    Out-of-range entries read zeros; the caller masks the columns it must ignore.
+    """
+    mask_n = offs_n < num_tokens
+    mask_v = offs_v < width
+    rows = z_ptr + offs_n.to(tl.int64)[:, None] * stride_z
+    z = tl.load(rows + offs_v[None, :], mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+    return bias_and_softcap(z.to(tl.float32), b_ptr, offs_v, mask_v, softcap, HAS_BIAS,
+                            HAS_SOFTCAP)
 
 
 @triton.jit
@@ -93,3 +119,18 @@ def merge_stats(m, s, t, m_part, s_part, t_part):
     alpha_part = tl.exp(m_part - m_new)
     t_new = alpha * (t + (m - m_new) * s) + alpha_part * (t_part + (m_part - m_new) * s_part)
     return m_new, alpha * s + alpha_part * s_part, t_new
+
+
+@triton.jit
+def fold_pair(m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, z_s, z_w, is_target, lam,
+              TWO_MODELS: tl.constexpr):
+    """Fold one tile of each model (masked columns at ``MASKED_LOGIT``) into the running
+    statistics of the strong model, the weak model and their mixture (the mixture's without the
+    entropy sum); ``is_target`` marks each row's label column."""
+    m_s, s_s, t_s = online_update(m_s, s_s, t_s, z_s)
+    zy_s += tl.sum(tl.where(is_target, z_s, 0.0), axis=1)
+    if TWO_MODELS:
+        m_w, s_w, t_w = online_update(m_w, s_w, t_w, z_w)
+        zy_w += tl.sum(tl.where(is_target, z_w, 0.0), axis=1)
+        m_m, s_m = online_update_lse(m_m, s_m, lam * z_s + (1.0 - lam) * z_w)
+    return m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m
