@@ -51,6 +51,15 @@ NUM_OUTPUTS = 10
 
 
 @triton.jit
+def _empty_stats(BLOCK_N: tl.constexpr):
+    """The running statistics of no logits at all: ``(m, s, t, z[y])`` for each model, ``(m, s)``
+    for the mixture (``m`` at ``MASKED_LOGIT``, so the first real tile takes over)."""
+    m = tl.full((BLOCK_N,), _MASKED, tl.float32)
+    zero = tl.zeros((BLOCK_N,), tl.float32)
+    return m, zero, zero, zero, m, zero, zero, zero, m, zero
+
+
+@triton.jit
 def _stats_partials_kernel(
     hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, part_ptr,
     num_tokens, vocab, dim_s, dim_w, stride_hs, stride_ws, stride_hw, stride_ww,
@@ -67,16 +76,7 @@ def _stats_partials_kernel(
     # Ignored positions carry labels outside [0, vocab): they match no column.
     y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
 
-    m_s = tl.full((BLOCK_N,), _MASKED, tl.float32)
-    s_s = tl.zeros((BLOCK_N,), tl.float32)
-    t_s = tl.zeros((BLOCK_N,), tl.float32)
-    zy_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_w = tl.full((BLOCK_N,), _MASKED, tl.float32)
-    s_w = tl.zeros((BLOCK_N,), tl.float32)
-    t_w = tl.zeros((BLOCK_N,), tl.float32)
-    zy_w = tl.zeros((BLOCK_N,), tl.float32)
-    m_m = tl.full((BLOCK_N,), _MASKED, tl.float32)
-    s_m = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m = _empty_stats(BLOCK_N)
 
     v_begin = split * vocab_per_split
     v_end = tl.minimum(v_begin + vocab_per_split, vocab)
@@ -143,16 +143,7 @@ def _block_stats_kernel(
     mask_n = offs_n < num_tokens
     y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
 
-    m_s = tl.full((BLOCK_N,), _MASKED, tl.float32)
-    s_s = tl.zeros((BLOCK_N,), tl.float32)
-    t_s = tl.zeros((BLOCK_N,), tl.float32)
-    zy_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_w = tl.full((BLOCK_N,), _MASKED, tl.float32)
-    s_w = tl.zeros((BLOCK_N,), tl.float32)
-    t_w = tl.zeros((BLOCK_N,), tl.float32)
-    zy_w = tl.zeros((BLOCK_N,), tl.float32)
-    m_m = tl.full((BLOCK_N,), _MASKED, tl.float32)
-    s_m = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m = _empty_stats(BLOCK_N)
     for c0 in range(0, width, BLOCK_V):
         offs_v = c0 + tl.arange(0, BLOCK_V)
         valid_v = (offs_v < width)[None, :]

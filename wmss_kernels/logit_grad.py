@@ -204,14 +204,14 @@ def plan_grad_blocks(num_tokens: int, vocab: int, bytes_per_entry: int, budget_b
 class _ModelOutputs:
     """One model's requested gradients and the float32 accumulators behind them."""
 
-    def __init__(self, request: GradRequest, hidden, weight, bias, token_chunk: int,
-                 single_chunk: bool):
-        self.hidden_dtype = hidden.dtype
-        self.dh = None
+    def __init__(self, request: GradRequest, hidden, weight, token_chunk: int, single_chunk: bool):
+        self.weight_dtype = weight.dtype
+        self.dh = self.dh_acc = None
         if request.hidden:
-            # float32 hidden states accumulate in place; others through a [chunk, d] float32 buffer.
+            # float32 hidden states accumulate in place (start_chunk zeroes them); others through
+            # a [chunk, d] float32 buffer.
             in_place = hidden.dtype == torch.float32
-            self.dh = torch.zeros_like(hidden) if in_place else torch.empty_like(hidden)
+            self.dh = torch.empty_like(hidden)
             self.dh_acc = None if in_place else torch.empty(
                 (token_chunk, hidden.shape[1]), device=hidden.device, dtype=torch.float32)
         # With one token chunk each dW block is written once; otherwise it accumulates in float32.
@@ -248,8 +248,8 @@ class _ModelOutputs:
         if dh_acc is not None and self.dh_acc is not None:
             self.dh[tokens].copy_(dh_acc)
 
-    def grads(self, weight_dtype: torch.dtype) -> ModelGrads:
-        dw = None if self.dw is None else self.dw.to(weight_dtype)
+    def grads(self) -> ModelGrads:
+        dw = None if self.dw is None else self.dw.to(self.weight_dtype)
         return ModelGrads(self.dh, dw, self.db)
 
 
@@ -407,11 +407,10 @@ def mixed_ce_backward(
         return _zero_grads(strong_request, strong_hidden, strong_weight), _zero_grads(
             weak_request, weak_hidden, weak_weight)
     single_chunk = chunk >= num_tokens
-    out_s = _ModelOutputs(strong_request, strong_hidden, strong_weight, strong_bias, chunk,
-                          single_chunk)
-    out_w = _ModelOutputs(weak_request, weak_hidden, weak_weight, weak_bias, chunk, single_chunk)
+    out_s = _ModelOutputs(strong_request, strong_hidden, strong_weight, chunk, single_chunk)
+    out_w = _ModelOutputs(weak_request, weak_hidden, weak_weight, chunk, single_chunk)
     if not (strong_request.any or weak_request.any):
-        return out_s.grads(strong_weight.dtype), out_w.grads(weak_weight.dtype)
+        return out_s.grads(), out_w.grads()
 
     block_grads = _BlockGrads(
         source, tiles, chunk, block, strong_hidden, strong_weight, strong_bias, weak_hidden,
@@ -431,4 +430,4 @@ def mixed_ce_backward(
                 out_w.add_block(acc_w, gw, alpha_w, hw, ww, columns)
         out_s.finish_chunk(tokens, acc_s)
         out_w.finish_chunk(tokens, acc_w)
-    return out_s.grads(strong_weight.dtype), out_w.grads(weak_weight.dtype)
+    return out_s.grads(), out_w.grads()
