@@ -3,8 +3,8 @@
 An engine provides three operations on flat inputs (hidden ``[N, d]``, weight ``[V, d]``, bias
 ``[V]``, labels ``[N]``): ``mixed_forward`` and ``mixed_backward`` of the mixed loss, and
 ``single_forward`` (one model's entropies), and ``pinned()``, the engine with its run-time
-configuration fixed (the autograd Function pins at the forward). ``"reference"`` has no engine: it is the plain
-formula, differentiated by autograd (see ``wmss.reference``).
+configuration fixed (the autograd Function pins at the forward). ``"reference"`` has no engine:
+it is the plain formula, differentiated by autograd (see ``wmss.reference``).
 """
 
 from __future__ import annotations

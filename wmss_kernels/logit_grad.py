@@ -90,12 +90,14 @@ def _store_logit_grads(
             g_s += coef_strong[:, None] * (p_s - onehot)
         if HAS_SOFTCAP:
             g_s *= 1.0 - (z_s / softcap) * (z_s / softcap)
-        tl.store(grad_s_ptr + rows * stride_grad_s + offs_v[None, :], g_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_s_ptr + rows * stride_grad_s + offs_v[None, :],
+                 g_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
     if STORE_W:
         g_w = (1.0 - lam) * g_mix
         if HAS_SOFTCAP:
             g_w *= 1.0 - (z_w / softcap) * (z_w / softcap)
-        tl.store(grad_w_ptr + rows * stride_grad_w + offs_v[None, :], g_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_w_ptr + rows * stride_grad_w + offs_v[None, :],
+                 g_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -284,10 +286,9 @@ class _BlockGrads:
         self.heads = (hs, ws, bs), (hw, ww, bw)
         self.store = store_s, store_w
         has_gap = coef_strong is not None
-        unused = max_mix  # placeholder for pointers a launch never dereferences
-        self.unused = unused
+        self.unused = max_mix  # placeholder for pointers a launch never dereferences
         self.row_inputs = (labels, max_strong, logsum_strong, max_mix, logsum_mix, coef_mix,
-                           coef_strong if has_gap else unused)
+                           coef_strong if has_gap else self.unused)
         self.scalars = (float(lam), 1.0 if shared else float(lam), float(softcap or 1.0))
         self.flags = dict(STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap,
                           HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
@@ -302,40 +303,45 @@ class _BlockGrads:
 
     def __call__(self, tokens: slice, columns: slice):
         rows, width = tokens.stop - tokens.start, columns.stop - columns.start
-        (hs, ws, bs), (hw, ww, bw) = [(h[tokens], w[columns], None if b is None else b[columns])
-                                      for h, w, b in self.heads]
-        biases = [self.unused if b is None else b for b in (bs, bw)]
+        heads = [(h[tokens], w[columns], self.unused if b is None else b[columns])
+                 for h, w, b in self.heads]
         row_inputs = [t[tokens] for t in self.row_inputs]
         if self.source == "cublas":
-            logits = [buf[:rows * width].view(rows, width) for buf in self.buffers]
-            write_product(logits[0], hs, ws.t())
-            write_product(logits[1], hw, ww.t())
-            # The gradients overwrite the logits: viewed in the model's dtype, each float32 row
-            # of ``width`` entries holds ``ratio * width`` of them, of which the first ``width``
-            # are the gradient's row.
-            grads = []
-            for (h, _, _), logit in zip(self.heads, logits):
-                ratio = 4 // h.element_size()
-                grads.append(logit.view(-1).view(h.dtype).view(rows, ratio * width)[:, :width])
-            g_s, g_w = self._stored(grads)
-            grid = (triton.cdiv(rows, config.LOADED_TILES.block_n),)
-            _loaded_grad_kernel[grid](
-                logits[0], logits[1], *biases, *row_inputs, *self._pointers(g_s, g_w), rows,
-                width, columns.start, grads[0].stride(0), grads[1].stride(0), *self.scalars, **self.flags, BLOCK_N=config.LOADED_TILES.block_n,
-                BLOCK_V=config.LOADED_TILES.block_v, num_warps=config.LOADED_TILES.num_warps,
-                num_stages=config.LOADED_TILES.num_stages)
-            return g_s, g_w
-        grads = [None if buf is None else buf[:rows * width].view(rows, width)
-                 for buf in self.buffers]
-        g_s, g_w = self._stored(grads)
+            return self._from_cublas(rows, width, columns.start, heads, row_inputs)
+        return self._by_recompute(rows, width, columns.start, heads, row_inputs)
+
+    def _by_recompute(self, rows, width, vocab_start, heads, row_inputs):
+        (hs, ws, bs), (hw, ww, bw) = heads
+        g_s, g_w = self._stored([None if buf is None else buf[:rows * width].view(rows, width)
+                                 for buf in self.buffers])
         tiles = self.tiles
         grid = (triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))
         _logit_grad_kernel[grid](
-            hs, ws, biases[0], hw, ww, biases[1], *row_inputs, *self._pointers(g_s, g_w), rows,
-            width, columns.start, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0),
-            hw.stride(0), ww.stride(0), width, width, *self.scalars, **self.flags,
+            hs, ws, bs, hw, ww, bw, *row_inputs, *self._pointers(g_s, g_w), rows, width,
+            vocab_start, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0), hw.stride(0),
+            ww.stride(0), width, width, *self.scalars, **self.flags,
             UPCAST_DOT=config.upcast_dot_operands(), DOT_PRECISION=config.dot_precision(),
             BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        return g_s, g_w
+
+    def _from_cublas(self, rows, width, vocab_start, heads, row_inputs):
+        logits = [buf[:rows * width].view(rows, width) for buf in self.buffers]
+        for logit, (h, w, _) in zip(logits, heads):
+            write_product(logit, h, w.t())
+        # The gradients overwrite the logits: viewed in the model's dtype, each float32 row of
+        # ``width`` entries holds ``ratio * width`` of them, of which the first ``width`` are the
+        # gradient's row.
+        grads = []
+        for (h, _, _), logit in zip(heads, logits):
+            ratio = 4 // h.element_size()
+            grads.append(logit.view(-1).view(h.dtype).view(rows, ratio * width)[:, :width])
+        g_s, g_w = self._stored(grads)
+        tiles = config.LOADED_TILES
+        _loaded_grad_kernel[(triton.cdiv(rows, tiles.block_n),)](
+            *logits, heads[0][2], heads[1][2], *row_inputs, *self._pointers(g_s, g_w), rows,
+            width, vocab_start, grads[0].stride(0), grads[1].stride(0), *self.scalars,
+            **self.flags, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         return g_s, g_w
 
