@@ -8,10 +8,11 @@ weak) still fit in registers at eight warps.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -43,6 +44,23 @@ STATS_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages
 GRAD_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
 # Under TRITON_INTERPRET=1 every program runs serially in numpy: fewer, larger tiles run faster,
 # and the shapes in the tests are small, so the GPU tiles are kept (they are exercised as-is).
+
+
+def stats_tiles(dtype: torch.dtype, arch: Optional[int]) -> Tiles:
+    """Tiles of the forward statistics kernel for operands of ``dtype`` on ``arch``
+    (``device_arch``; None: the interpreter)."""
+    return STATS_TILES
+
+
+def grad_tiles(dtype: torch.dtype, arch: Optional[int], shared: bool) -> Tiles:
+    """Tiles of the backward logit-gradient kernel; ``shared``: one gradient buffer for both
+    models (no soft-capping, no gap masking)."""
+    return GRAD_TILES
+
+
+def loaded_tiles(arch: Optional[int]) -> Tiles:
+    """Tiles of the kernels that read cuBLAS-written float32 logit blocks."""
+    return LOADED_TILES
 
 # Where the kernels get logit tiles from. "triton": each kernel computes its tiles with tl.dot from
 # the hidden states and weights (no logits in memory). "cublas": cuBLAS writes float32 logit
@@ -107,11 +125,53 @@ def dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+# Streaming multiprocessors of the architectures the compile gate targets (H100 SXM, A100), used
+# for launch decisions when compiling for an architecture without its device.
+SM_COUNTS = {90: 132, 80: 108}
+
+# Set by ``compile_target`` (the compile gate): the architecture launches are planned for.
+_compile_target: Optional[int] = None
+
+
+@contextlib.contextmanager
+def compile_target(arch: int) -> Iterator[None]:
+    """Plan every launch in this block for compute capability ``arch`` (e.g. 90 for sm_90), with
+    or without such a device: tiles, warps and splits are chosen as they would be there."""
+    global _compile_target
+    previous, _compile_target = _compile_target, arch
+    try:
+        yield
+    finally:
+        _compile_target = previous
+
+
+def device_arch(device: torch.device) -> Optional[int]:
+    """Compute capability of ``device`` as ``10 * major + minor`` (90 for H100); the
+    ``compile_target`` when one is set; None for the interpreter and non-CUDA devices."""
+    if _compile_target is not None:
+        return _compile_target
+    if is_interpreting() or device.type != "cuda":
+        return None
+    major, minor = _capability(device.index if device.index is not None else 0)
+    return 10 * major + minor
+
+
 @functools.lru_cache(maxsize=None)
-def multiprocessor_count(device_index: int) -> int:
-    """Number of SMs of a CUDA device (cached); 1 when running under the interpreter."""
-    if is_interpreting() or not torch.cuda.is_available():
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Number of SMs of ``device``; that of the ``compile_target``; 1 under the interpreter."""
+    if _compile_target is not None:
+        return SM_COUNTS.get(_compile_target, 132)
+    if is_interpreting() or device.type != "cuda":
         return 1
+    return _sm_count(device.index if device.index is not None else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 

@@ -250,8 +250,7 @@ def _choose_splits(num_tokens: int, vocab: int, tiles: config.Tiles, device: tor
     token_tiles = triton.cdiv(num_tokens, tiles.block_n)
     vocab_tiles = triton.cdiv(vocab, tiles.block_v)
     if num_splits is None:
-        index = device.index if device.index is not None else 0
-        target = config.STATS_PROGRAMS_PER_SM * config.multiprocessor_count(index)
+        target = config.STATS_PROGRAMS_PER_SM * config.multiprocessor_count(device)
         num_splits = min(triton.cdiv(target, token_tiles), config.MAX_VOCAB_SPLITS)
     num_splits = max(1, min(num_splits, vocab_tiles))
     tiles_per_split = triton.cdiv(vocab_tiles, num_splits)
@@ -300,6 +299,8 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
     hw, ww, bw = weak if two_models else (hs, ws, None)
     device = hs.device
     source = config.logit_source(logit_source)
+    if tiles is None:
+        tiles = config.stats_tiles(hs.dtype, config.device_arch(device))
     if source == "cublas":
         splits = 1
     else:
@@ -313,7 +314,8 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
 
     if source == "cublas":
         _partials_from_cublas(hs, ws, bs, hw, ww, bw, labels, partials, two_models=two_models,
-                              lam=lam, softcap=softcap, tiles=config.LOADED_TILES)
+                              lam=lam, softcap=softcap,
+                              tiles=config.loaded_tiles(config.device_arch(device)))
     else:
         grid = (triton.cdiv(num_tokens, tiles.block_n), splits)
         _stats_partials_kernel[grid](
@@ -339,7 +341,7 @@ def mixed_token_stats(
     strong_hidden: torch.Tensor, strong_weight: torch.Tensor, strong_bias: Optional[torch.Tensor],
     weak_hidden: torch.Tensor, weak_weight: torch.Tensor, weak_bias: Optional[torch.Tensor],
     labels: torch.Tensor, *, lam: float, softcap: Optional[float], gap_threshold: Optional[float],
-    ignore_index: int, tiles: config.Tiles = config.STATS_TILES, num_splits: Optional[int] = None,
+    ignore_index: int, tiles: Optional[config.Tiles] = None, num_splits: Optional[int] = None,
     logit_source: Optional[str] = None,
 ) -> MixedTokenStats:
     """Per-token loss and statistics of the mixed-logit cross-entropy, without materialising logits.
@@ -365,7 +367,7 @@ def mixed_token_stats(
 
 def single_token_stats(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    *, softcap: Optional[float], ignore_index: int, tiles: config.Tiles = config.STATS_TILES,
+    *, softcap: Optional[float], ignore_index: int, tiles: Optional[config.Tiles] = None,
     num_splits: Optional[int] = None, logit_source: Optional[str] = None,
 ) -> SingleTokenStats:
     """Per-token entropy, log-sum-exp and target log-prob of one model's next-token distribution.

@@ -337,7 +337,7 @@ class _BlockGrads:
             ratio = 4 // h.element_size()
             grads.append(logit.view(-1).view(h.dtype).view(rows, ratio * width)[:, :width])
         g_s, g_w = self._stored(grads)
-        tiles = config.LOADED_TILES
+        tiles = config.loaded_tiles(config.device_arch(logits[0].device))
         _loaded_grad_kernel[(triton.cdiv(rows, tiles.block_n),)](
             *logits, heads[0][2], heads[1][2], *row_inputs, *self._pointers(g_s, g_w), rows,
             width, vocab_start, grads[0].stride(0), grads[1].stride(0), *self.scalars,
@@ -364,7 +364,7 @@ def mixed_ce_backward(
     max_mix: torch.Tensor, logsum_mix: torch.Tensor, coef_mix: torch.Tensor,
     coef_strong: Optional[torch.Tensor], *, lam: float,
     softcap: Optional[float], strong_request: GradRequest, weak_request: GradRequest,
-    tiles: config.Tiles = config.GRAD_TILES, blocks: Optional[GradBlocks] = None,
+    tiles: Optional[config.Tiles] = None, blocks: Optional[GradBlocks] = None,
     logit_source: Optional[str] = None,
 ) -> tuple[ModelGrads, ModelGrads]:
     """Gradients of ``sum_n c_n * loss_n`` with respect to both models' inputs.
@@ -398,6 +398,9 @@ def mixed_ce_backward(
         store_w = False
     alpha_s, alpha_w = (lam, 1.0 - lam) if shared else (1.0, 1.0)
     source = config.logit_source(logit_source)
+    if tiles is None:
+        tiles = config.grad_tiles(strong_hidden.dtype, config.device_arch(strong_hidden.device),
+                                  shared)
     if source == "cublas":  # both models' float32 logits; the gradients overwrite them in place
         bytes_per_entry = 8
     else:  # each logit gradient in its model's dtype, the operand dtype of its products
