@@ -13,6 +13,7 @@ from conftest import (
     TRITON_AVAILABLE,
     assert_close,
     make_inputs,
+    relative_error,
 )
 from oracle import truth
 
@@ -294,3 +295,70 @@ def test_no_grad_forward_and_empty_input():
     empty, empty_labels = make_inputs(shape=(0,))
     assert wmss.fused_loss(**empty, labels=empty_labels).item() == 0.0
     assert wmss.fused_loss(**empty, labels=empty_labels, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_gives_zero_and_zero_gradients(backend):
+    inputs, labels = make_inputs(shape=(0,), bias=True)
+    loss, stats, grads = run(inputs, labels, backend)
+    assert loss.item() == 0.0 and stats.mixed.shape == (0,)
+    for name, grad in grads.items():
+        assert grad is not None and grad.shape == inputs[name].shape
+        assert not grad.any(), name
+    entropy = wmss.token_entropy(inputs["strong_hidden"], inputs["strong_weight"], labels,
+                                 backend=backend)
+    assert entropy.shape == (0,) and entropy.dtype == torch.float32
+
+
+# Caps from binding (most logits saturate) to so large that the cap is the identity to float32
+# precision: small arguments of tanh must keep their relative precision all the way. (Much
+# smaller caps make the loss ill-conditioned: the slope sech^2(a / c) amplifies the float32
+# rounding of the logits a by 2|a| / c, on every backend alike.)
+SOFTCAPS = [0.5, 30.0, 1e5, 1e15, 1e30]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_soft_capping_keeps_float32_precision_for_every_cap(backend):
+    inputs, labels = make_inputs(bias=True, logit_scale=6.0)
+    for softcap in SOFTCAPS:
+        check_against_truth(inputs, labels, backend, torch.float32, lam=0.3, softcap=softcap)
+
+
+def test_a_cap_beyond_float32_is_refused():
+    inputs, labels = make_inputs()
+    with pytest.raises(ValueError, match="softcap must be at most"):
+        wmss.fused_loss(**inputs, labels=labels, softcap=1e39)
+
+
+def rounding_error(exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """Relative error of the exact (float64) tensor rounded once to ``dtype``: the best any
+    implementation returning ``dtype`` can do."""
+    return float((exact.to(dtype).double() - exact).norm() / exact.norm())
+
+
+# Each gradient's error against float64 may be at most this many times the error of rounding
+# the exact gradient to the input dtype. The logit gradient itself is rounded once to the input
+# dtype before its products, which costs a little on top of the final rounding.
+HALF_PRECISION_ERROR_RATIO = {torch.float16: 1.5, torch.bfloat16: 2.5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_half_precision_gradients_are_as_accurate_as_their_dtype_for_any_token_count(
+        backend, dtype):
+    # A mean over 2^16 tokens makes every coefficient 1.5e-5: folded into an fp16 logit gradient
+    # (softmax entries ~1e-3) it would flush to fp16's subnormals.
+    inputs, labels = make_inputs(shape=(4, 37), vocab=1000, d_strong=72, d_weak=40, dtype=dtype,
+                                 bias=True, ignored=0.1)
+    count = int((labels != -100).sum())
+    for num_items in (None, 2**10, 2**16):
+        denominator = count if num_items is None else num_items
+        upstream = torch.full(labels.shape, 1.0 / denominator, dtype=torch.float64)
+        expected = truth(inputs, labels, upstream=upstream)
+        _, _, grads = run(inputs, labels, backend, num_items_in_batch=num_items)
+        for name, grad in grads.items():
+            want = expected.grads[name]
+            ratio = relative_error(grad, want) / rounding_error(want, dtype)
+            assert ratio <= HALF_PRECISION_ERROR_RATIO[dtype], (
+                f"num_items_in_batch={num_items}: d loss / d {name} is {ratio:.2f}x the "
+                f"rounding error of the exact gradient in {dtype}")

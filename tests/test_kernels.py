@@ -206,3 +206,39 @@ def test_backward_skips_the_weak_products_when_nothing_weak_is_requested():
                                      weak_request=none)
     assert strong.hidden is None and strong.bias is None and strong.weight is not None
     assert weak == (None, None, None)
+
+
+def test_float32_dots_follow_pytorchs_cuda_matmul_setting():
+    from wmss_kernels.config import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("PyTorch < 2.9 has only the legacy float32 matmul setting")
+    saved = matmul.fp32_precision, torch.backends.fp32_precision
+    try:
+        assert dot_precision() == ("tf32" if saved[0] == "tf32" else "ieee")
+        matmul.fp32_precision = "tf32"
+        assert dot_precision() == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert dot_precision() == "ieee"
+        matmul.fp32_precision, torch.backends.fp32_precision = "none", "tf32"
+        assert dot_precision() == "tf32"  # "none" defers to the global setting
+        torch.backends.fp32_precision = "ieee"
+        assert dot_precision() == "ieee"
+        torch.set_float32_matmul_precision("high")  # the legacy API lands in the same place
+        assert dot_precision() == "tf32"
+    finally:
+        matmul.fp32_precision, torch.backends.fp32_precision = saved
+
+
+@needs_triton
+def test_the_weight_gradient_scratch_is_counted_in_the_gradient_budget():
+    from wmss_kernels.logit_grad import plan_grad_blocks
+
+    tiles = Tiles(64, 128, 64)
+    budget, num_tokens, column = 64 * 2**20, 4096, 4 * 2560
+    plain = plan_grad_blocks(num_tokens, 151936, 2, budget, tiles)
+    blocks = plan_grad_blocks(num_tokens, 151936, 2, budget, tiles, bytes_per_column=column)
+    assert blocks.token_chunk == num_tokens and blocks.vocab_block < plain.vocab_block
+    assert blocks.vocab_block * (num_tokens * 2 + column) <= budget
+    assert blocks.vocab_block % tiles.block_v == 0

@@ -42,13 +42,25 @@ class _Head:
         b = None if self.bias is None else self.bias[vocab].to(self.dtype)
         return w, b
 
-    def logits(self, tokens: slice, w, b) -> torch.Tensor:
-        """``softcap(h[tokens] @ w^T + b)`` in the compute dtype; ``w``, ``b`` from weight_block."""
+    def logits(self, tokens: slice, w, b, capped: bool = True) -> torch.Tensor:
+        """``softcap(h[tokens] @ w^T + b)`` in the compute dtype (``capped=False``: before the
+        cap); ``w``, ``b`` from weight_block."""
         h = self.hidden[tokens].to(self.dtype)
         z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
-        if self.softcap is not None:
+        if capped and self.softcap is not None:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z
+
+    def capped_logits_and_slope(self, tokens: slice, w, b):
+        """``(z, dz/da)`` of a block: the capped logits and the cap's slope ``sech^2(a / c)``
+        (None without a cap). The slope comes from ``a``: ``1 - (z / c)^2`` would cancel where
+        the cap saturates."""
+        a = self.logits(tokens, w, b, capped=False)
+        if self.softcap is None:
+            return a, None
+        x = a.div_(self.softcap)
+        slope = torch.cosh(x).square_().reciprocal_()
+        return x.tanh_().mul_(self.softcap), slope
 
 
 class _Online:
@@ -99,11 +111,6 @@ class _Targets:
     def subtract_onehot_(self, p: torch.Tensor) -> torch.Tensor:
         """``p - onehot(y)`` in place."""
         return p.scatter_add_(1, self.columns, -self.inside.to(p.dtype).unsqueeze(1))
-
-
-def _softcap_derivative_(z: torch.Tensor, softcap: float) -> torch.Tensor:
-    """``1 - (z / c)^2``, the derivative of ``c tanh(a / c)`` written in its output; in place."""
-    return z.div_(softcap).square_().neg_().add_(1.0)
 
 
 class TorchEngine:
@@ -198,25 +205,24 @@ class TorchEngine:
             return grads_s, grads_w
         for vocab_slice, tokens, weights in self._blocks(num_tokens, strong, weak):
             targets = _Targets(labels, tokens, vocab_slice)
-            z_s = strong.logits(tokens, *weights[0])
-            z_w = weak.logits(tokens, *weights[1])
+            z_s, slope_s = strong.capped_logits_and_slope(tokens, *weights[0])
+            z_w, slope_w = weak.capped_logits_and_slope(tokens, *weights[1])
             # g_mix = c_mix * (softmax(z_m) - onehot), built in place in the mixture's block.
             g_mix = torch.lerp(z_w, z_s, lam)
             g_mix.sub_(max_mix[tokens, None]).sub_(logsum_mix[tokens, None]).exp_()
             targets.subtract_onehot_(g_mix).mul_(coef_mix[tokens, None])
             if strong_request.any:
                 g_s = g_mix * lam
-                derivative = None if softcap is None else _softcap_derivative_(z_s.clone(), softcap)
                 if coef_strong is not None:
                     p_s = z_s.sub_(max_strong[tokens, None]).sub_(logsum_strong[tokens, None]).exp_()
                     g_s.add_(targets.subtract_onehot_(p_s).mul_(coef_strong[tokens, None]))
-                if derivative is not None:
-                    g_s.mul_(derivative)
+                if slope_s is not None:
+                    g_s.mul_(slope_s)
                 self._accumulate(grads_s, strong, g_s, weights[0][0], tokens, vocab_slice)
             if weak_request.any:
                 g_w = g_mix.mul_(1.0 - lam)
-                if softcap is not None:
-                    g_w.mul_(_softcap_derivative_(z_w, softcap))
+                if slope_w is not None:
+                    g_w.mul_(slope_w)
                 self._accumulate(grads_w, weak, g_w, weights[1][0], tokens, vocab_slice)
         return grads_s, grads_w
 

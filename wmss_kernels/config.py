@@ -116,13 +116,30 @@ def upcast_dot_operands() -> bool:
     return is_interpreting()
 
 
-def dot_precision() -> str:
-    """``tl.dot`` input precision for float32 operands, following PyTorch's global setting.
+def round_bf16_by_hand() -> bool:
+    """Whether kernels must round float32 to bfloat16 themselves before a store.
 
-    ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default) means IEEE float32;
-    "high" or "medium" allow TF32, as they do for cuBLAS. bf16/fp16 operands ignore it.
+    Triton's interpreter converts float32 to bfloat16 by truncation (GPUs round to nearest even),
+    which would double the rounding error of every bf16 logit gradient in the CPU tests.
     """
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return is_interpreting()
+
+
+def dot_precision() -> str:
+    """``tl.dot`` input precision for float32 operands, following PyTorch's setting for CUDA
+    matmuls: "tf32" where PyTorch allows TF32 for them (as cuBLAS then uses it), else "ieee".
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` ("none" defers to the global
+    ``torch.backends.fp32_precision``) where PyTorch has it (2.9+): the legacy
+    ``torch.get_float32_matmul_precision()`` raises once the new API has been used.
+    ``set_float32_matmul_precision("high")`` is reflected there too. bf16/fp16 operands ignore it.
+    """
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:  # PyTorch < 2.9
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if matmul == "none":
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if matmul == "tf32" else "ieee"
 
 
 # Streaming multiprocessors of the architectures the compile gate targets (H100 SXM, A100), used

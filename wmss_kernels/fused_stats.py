@@ -299,6 +299,10 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
     hw, ww, bw = weak if two_models else (hs, ws, None)
     device = hs.device
     source = config.logit_source(logit_source)
+    out = torch.zeros((NUM_OUTPUTS, num_tokens), device=device, dtype=torch.float32)
+    mixed = torch.zeros(num_tokens, device=device, dtype=torch.int8)
+    if num_tokens == 0:
+        return out, mixed.view(torch.bool)
     if tiles is None:
         tiles = config.stats_tiles(hs.dtype, config.device_arch(device))
     if source == "cublas":
@@ -307,10 +311,6 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
         splits, vocab_per_split = _choose_splits(num_tokens, vocab, tiles, device, num_splits)
     num_partials = NUM_PARTIALS_TWO_MODELS if two_models else NUM_PARTIALS_ONE_MODEL
     partials = torch.empty((num_partials, splits, num_tokens), device=device, dtype=torch.float32)
-    out = torch.zeros((NUM_OUTPUTS, num_tokens), device=device, dtype=torch.float32)
-    mixed = torch.zeros(num_tokens, device=device, dtype=torch.int8)
-    if num_tokens == 0:
-        return out, mixed.view(torch.bool)
 
     if source == "cublas":
         _partials_from_cublas(hs, ws, bs, hw, ww, bw, labels, partials, two_models=two_models,

@@ -6,7 +6,8 @@ With ``g = softmax(z_m) - onehot(y)`` and each token's upstream gradient ``c`` s
     dL/dz_s = lam * c_mix * g + c_strong * (softmax(z_s) - onehot(y))
     dL/dz_w = (1 - lam) * c_mix * g
 
-and, through the soft-cap ``z = c tanh(a / c)``, ``dL/da = dL/dz * (1 - (z / c)^2)``.
+and, through the soft-cap ``z = c tanh(a / c)``, ``dL/da = dL/dz * sech^2(a / c)`` (taken from
+``a``, not as ``1 - (z / c)^2``, which cancels where the cap saturates).
 
 The ``[N, V]`` logit gradient is cut into vocabulary blocks (and, only when the tokens are too
 many for a useful block, into token chunks as well). For each piece ``_logit_grad_kernel`` (grid:
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from .logit_tiles import loaded_logits_tile, logits_tile
+from .logit_tiles import loaded_logits_tile, logits_tile, soft_cap, soft_cap_slope, to_storage
 from .products import accumulate_product, write_product
 from .results import GradRequest, ModelGrads
 
@@ -67,15 +68,19 @@ def _row_terms(labels_ptr, max_s_ptr, logsum_s_ptr, max_m_ptr, logsum_m_ptr, coe
 
 @triton.jit
 def _store_logit_grads(
-    z_s, z_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s,
+    a_s, a_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s,
     grad_s_ptr, grad_w_ptr, stride_grad_s, stride_grad_w, lam, strong_scale, softcap,
     STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Write ``dL/da`` of one tile for the strong and/or weak model (formulas in the module doc).
 
-    ``z_s``, ``z_w``: float32 soft-capped logit tiles; ``mask``: the tile's valid entries.
+    ``a_s``, ``a_w``: float32 logit tiles before soft-capping (the cap and its slope are taken
+    here, from ``a``); ``mask``: the tile's valid entries.
     """
+    z_s, z_w = a_s, a_w
+    if HAS_SOFTCAP:
+        z_s, z_w = soft_cap(a_s, softcap), soft_cap(a_w, softcap)
     onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
     # softmax = exp((z - max) - log s): z - max is exact near the max, at any logit offset.
     # Lanes outside the tile's valid rows/columns are pinned to exp(MASKED) = 0 (no overflow).
@@ -89,15 +94,15 @@ def _store_logit_grads(
             p_s = tl.exp(tl.where(mask, (z_s - max_s[:, None]) - logsum_s[:, None], _MASKED))
             g_s += coef_strong[:, None] * (p_s - onehot)
         if HAS_SOFTCAP:
-            g_s *= 1.0 - (z_s / softcap) * (z_s / softcap)
+            g_s *= soft_cap_slope(a_s, softcap)
         tl.store(grad_s_ptr + rows * stride_grad_s + offs_v[None, :],
-                 g_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+                 to_storage(g_s, grad_s_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
     if STORE_W:
         g_w = (1.0 - lam) * g_mix
         if HAS_SOFTCAP:
-            g_w *= 1.0 - (z_w / softcap) * (z_w / softcap)
+            g_w *= soft_cap_slope(a_w, softcap)
         tl.store(grad_w_ptr + rows * stride_grad_w + offs_v[None, :],
-                 g_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
+                 to_storage(g_w, grad_w_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -108,7 +113,7 @@ def _logit_grad_kernel(
     stride_grad_s, stride_grad_w, lam, strong_scale, softcap,
     STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (token tile, vocabulary tile) of the ``[num_tokens, vocab]`` block starting at
@@ -122,15 +127,16 @@ def _logit_grad_kernel(
         labels_ptr, max_s_ptr, logsum_s_ptr, max_m_ptr, logsum_m_ptr, coef_mix_ptr,
         coef_strong_ptr, offs_n, mask_n, vocab_start, HAS_GAP)
     # Both models' logits are needed for the mixture's softmax, even when one takes no gradient.
-    z_s = logits_tile(hs_ptr, ws_ptr, bs_ptr, offs_n, offs_v, num_tokens, vocab, dim_s, stride_hs,
-                      stride_ws, softcap, HAS_BIAS_S, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION,
+    # Raw logits (before the cap): _store_logit_grads takes the cap and its slope from them.
+    a_s = logits_tile(hs_ptr, ws_ptr, bs_ptr, offs_n, offs_v, num_tokens, vocab, dim_s, stride_hs,
+                      stride_ws, softcap, HAS_BIAS_S, False, UPCAST_DOT, DOT_PRECISION,
                       BLOCK_N, BLOCK_V, BLOCK_D)
-    z_w = logits_tile(hw_ptr, ww_ptr, bw_ptr, offs_n, offs_v, num_tokens, vocab, dim_w, stride_hw,
-                      stride_ww, softcap, HAS_BIAS_W, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION,
+    a_w = logits_tile(hw_ptr, ww_ptr, bw_ptr, offs_n, offs_v, num_tokens, vocab, dim_w, stride_hw,
+                      stride_ww, softcap, HAS_BIAS_W, False, UPCAST_DOT, DOT_PRECISION,
                       BLOCK_N, BLOCK_V, BLOCK_D)
-    _store_logit_grads(z_s, z_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m, coef_strong,
+    _store_logit_grads(a_s, a_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m, coef_strong,
                        max_s, logsum_s, grad_s_ptr, grad_w_ptr, stride_grad_s, stride_grad_w, lam,
-                       strong_scale, softcap, STORE_S, STORE_W, HAS_GAP, HAS_SOFTCAP)
+                       strong_scale, softcap, STORE_S, STORE_W, HAS_GAP, HAS_SOFTCAP, ROUND_BF16)
 
 
 @triton.jit
@@ -140,7 +146,7 @@ def _loaded_grad_kernel(
     stride_grad_s, stride_grad_w, lam, strong_scale, softcap,
     STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """The ``"cublas"`` logit source: the gradients of a ``[num_tokens, width]`` block of raw
     float32 logits that cuBLAS wrote, written IN PLACE over those logits.
@@ -158,14 +164,22 @@ def _loaded_grad_kernel(
     for c0 in range(0, width, BLOCK_V):
         offs_v = c0 + tl.arange(0, BLOCK_V)
         mask = mask_n[:, None] & (offs_v < width)[None, :]
-        z_s = loaded_logits_tile(zs_ptr, bs_ptr, offs_n, offs_v, num_tokens, width, width,
-                                 softcap, HAS_BIAS_S, HAS_SOFTCAP)
-        z_w = loaded_logits_tile(zw_ptr, bw_ptr, offs_n, offs_v, num_tokens, width, width,
-                                 softcap, HAS_BIAS_W, HAS_SOFTCAP)
-        _store_logit_grads(z_s, z_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m,
+        a_s = loaded_logits_tile(zs_ptr, bs_ptr, offs_n, offs_v, num_tokens, width, width,
+                                 softcap, HAS_BIAS_S, False)
+        a_w = loaded_logits_tile(zw_ptr, bw_ptr, offs_n, offs_v, num_tokens, width, width,
+                                 softcap, HAS_BIAS_W, False)
+        # The stores below overwrite logits of columns below c0 + BLOCK_V (read in this step or
+        # an earlier one), some of them another warp's share of this step's tile: without a
+        # barrier, a warp that runs ahead could overwrite logits that a slower warp has not loaded
+        # yet. After it, every read of columns below c0 + BLOCK_V is done, and later steps read
+        # only columns from c0 + BLOCK_V on, which no store of this step reaches: no write can
+        # land on a logit still to be read. (Prefetched loads of later steps read those later
+        # columns too, so software pipelining does not break the argument.)
+        tl.debug_barrier()
+        _store_logit_grads(a_s, a_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m,
                            coef_strong, max_s, logsum_s, grad_s_ptr, grad_w_ptr, stride_grad_s,
                            stride_grad_w, lam, strong_scale, softcap, STORE_S, STORE_W, HAS_GAP,
-                           HAS_SOFTCAP)
+                           HAS_SOFTCAP, ROUND_BF16)
 
 
 @dataclass(frozen=True)
@@ -187,15 +201,18 @@ def gradient_buffer_budget(gradient_bytes: int) -> int:
 
 
 def plan_grad_blocks(num_tokens: int, vocab: int, bytes_per_entry: int, budget_bytes: int,
-                     tiles: config.Tiles) -> GradBlocks:
-    """The largest pieces whose buffers (``bytes_per_entry`` per logit) fit ``budget_bytes``.
+                     tiles: config.Tiles, bytes_per_column: int = 0) -> GradBlocks:
+    """The largest pieces whose buffers fit ``budget_bytes``: ``bytes_per_entry`` per logit of the
+    piece, plus ``bytes_per_column`` per vocabulary column when every token is in one chunk (the
+    float32 weight-gradient scratch of half-precision weights, see ``_ModelOutputs``).
 
     Every token in one chunk is preferred: each weight-gradient block is then one product over all
     tokens, written once. Only when that leaves a vocabulary block narrower than
     ``config.MIN_GRAD_VOCAB_BLOCK`` are the tokens cut into chunks too. Blocks are tile-aligned.
     """
     num_tokens, bytes_per_entry = max(num_tokens, 1), max(bytes_per_entry, 1)
-    vocab_block = budget_bytes // (num_tokens * bytes_per_entry) // tiles.block_v * tiles.block_v
+    per_column = num_tokens * bytes_per_entry + bytes_per_column
+    vocab_block = budget_bytes // per_column // tiles.block_v * tiles.block_v
     narrowest = min(vocab, max(config.MIN_GRAD_VOCAB_BLOCK, tiles.block_v))
     if vocab_block >= narrowest:
         return GradBlocks(num_tokens, min(vocab_block, vocab))
@@ -203,28 +220,55 @@ def plan_grad_blocks(num_tokens: int, vocab: int, bytes_per_entry: int, budget_b
     return GradBlocks(min(max(chunk, tiles.block_n), num_tokens), narrowest)
 
 
-class _ModelOutputs:
-    """One model's requested gradients and the float32 accumulators behind them."""
+def _factor_coefficients(coef_mix: torch.Tensor, coef_strong: Optional[torch.Tensor]):
+    """``(scale, coef_mix / scale, coef_strong / scale)`` with ``scale = max |c|`` (a float32 0-d
+    tensor; 1 when every coefficient is 0).
 
-    def __init__(self, request: GradRequest, hidden, weight, token_chunk: int, single_chunk: bool):
-        self.weight_dtype = weight.dtype
+    The kernels write ``(c_n / scale) * g``, of the size of ``g`` whatever the reduction: folding
+    ``c_n = 1/N`` into a half-precision gradient would flush most softmax entries of an fp16
+    ``g`` to zero at N ~ 16k (and cost bf16 nothing but buys it nothing either). ``scale`` then
+    multiplies the float32 results of the products on the device: no host synchronisation.
+    """
+    peak = coef_mix.abs().amax()
+    if coef_strong is not None:
+        peak = torch.maximum(peak, coef_strong.abs().amax())
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return scale, coef_mix / scale, None if coef_strong is None else coef_strong / scale
+
+
+class _ModelOutputs:
+    """One model's requested gradients, the float32 accumulators behind them, and the final
+    multiplication by the coefficients' ``scale`` (see ``_factor_coefficients``).
+
+    ``dh`` accumulates in float32 (in place for float32 hidden states, else per token chunk) and is
+    scaled as the chunk finishes. With one token chunk each ``dW`` block is one product over every
+    token: float32 weights take it in place and are scaled there; half-precision weights take it
+    through the float32 ``scratch`` (``[block, d]``), scaled while rounding once to their dtype.
+    With several chunks ``dW`` accumulates in float32 and is scaled and rounded at the end.
+    """
+
+    def __init__(self, request: GradRequest, hidden, weight, token_chunk: int, single_chunk: bool,
+                 scale: torch.Tensor, scratch: Optional[torch.Tensor]):
+        self.weight_dtype, self.scale = weight.dtype, scale
         self.dh = self.dh_acc = None
         if request.hidden:
-            # float32 hidden states accumulate in place (start_chunk zeroes them); others through
-            # a [chunk, d] float32 buffer.
             in_place = hidden.dtype == torch.float32
             self.dh = torch.empty_like(hidden)
             self.dh_acc = None if in_place else torch.empty(
                 (token_chunk, hidden.shape[1]), device=hidden.device, dtype=torch.float32)
-        # With one token chunk each dW block is written once; otherwise it accumulates in float32.
         self.write_dw = single_chunk
         self.dw = None
         if request.weight:
             dtype = weight.dtype if single_chunk else torch.float32
             self.dw = (torch.empty if single_chunk else torch.zeros)(
                 weight.shape, device=weight.device, dtype=dtype)
+        self.scratch = scratch if self.needs_scratch(request, weight, single_chunk) else None
         self.db = torch.zeros(weight.shape[0], device=weight.device,
                               dtype=torch.float32) if request.bias else None
+
+    @staticmethod
+    def needs_scratch(request: GradRequest, weight, single_chunk: bool) -> bool:
+        return request.weight and single_chunk and weight.dtype != torch.float32
 
     def start_chunk(self, tokens: slice) -> Optional[torch.Tensor]:
         """The float32 ``[rows, d]`` accumulator of ``dh[tokens]``, zeroed."""
@@ -239,20 +283,33 @@ class _ModelOutputs:
         if dh_acc is not None:
             accumulate_product(dh_acc, grad, weight_block, alpha)
         if self.dw is not None:
-            if self.write_dw:
-                write_product(self.dw[vocab], grad.t(), hidden, alpha)
+            dw = self.dw[vocab]
+            if not self.write_dw:
+                accumulate_product(dw, grad.t(), hidden, alpha)
+            elif self.scratch is None:
+                write_product(dw, grad.t(), hidden, alpha)
+                dw.mul_(self.scale)
             else:
-                accumulate_product(self.dw[vocab], grad.t(), hidden, alpha)
+                product = self.scratch[:dw.numel()].view(dw.shape)
+                write_product(product, grad.t(), hidden, alpha)
+                torch.mul(product, self.scale, out=dw)
         if self.db is not None:
             self.db[vocab].add_(grad.sum(dim=0, dtype=torch.float32), alpha=alpha)
 
     def finish_chunk(self, tokens: slice, dh_acc) -> None:
-        if dh_acc is not None and self.dh_acc is not None:
-            self.dh[tokens].copy_(dh_acc)
+        if dh_acc is None:
+            return
+        if self.dh_acc is None:
+            dh_acc.mul_(self.scale)
+        else:
+            torch.mul(dh_acc, self.scale, out=self.dh[tokens])
 
     def grads(self) -> ModelGrads:
-        dw = None if self.dw is None else self.dw.to(self.weight_dtype)
-        return ModelGrads(self.dh, dw, self.db)
+        dw = self.dw
+        if dw is not None and not self.write_dw:
+            dw = dw.mul_(self.scale).to(self.weight_dtype)
+        db = None if self.db is None else self.db.mul_(self.scale)
+        return ModelGrads(self.dh, dw, db)
 
 
 def _zero_grads(request: GradRequest, hidden, weight) -> ModelGrads:
@@ -292,7 +349,8 @@ class _BlockGrads:
         self.scalars = (float(lam), 1.0 if shared else float(lam), float(softcap or 1.0))
         self.flags = dict(STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap,
                           HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
-                          HAS_SOFTCAP=softcap is not None)
+                          HAS_SOFTCAP=softcap is not None,
+                          ROUND_BF16=config.round_bf16_by_hand())
         device = hs.device
         if source == "cublas":
             self.buffers = [torch.empty(chunk * block, device=device, dtype=torch.float32)
@@ -406,20 +464,31 @@ def mixed_ce_backward(
     else:  # each logit gradient in its model's dtype, the operand dtype of its products
         bytes_per_entry = (strong_hidden.element_size() if store_s else 0) + (
             weak_hidden.element_size() if store_w else 0)
+    # Each vocabulary column of a block written in one piece may need float32 scratch for the
+    # half-precision weight gradients (one buffer, used by one model after the other).
+    scratch_dim = max([w.shape[1] for w, request in ((strong_weight, strong_request),
+                                                     (weak_weight, weak_request))
+                       if _ModelOutputs.needs_scratch(request, w, True)], default=0)
     if blocks is None:
         budget = gradient_buffer_budget(
             _gradient_bytes(strong_request, strong_hidden, strong_weight)
             + _gradient_bytes(weak_request, weak_hidden, weak_weight))
-        blocks = plan_grad_blocks(num_tokens, vocab, bytes_per_entry, budget, tiles)
+        blocks = plan_grad_blocks(num_tokens, vocab, bytes_per_entry, budget, tiles,
+                                  bytes_per_column=4 * scratch_dim)
     chunk, block = min(blocks.token_chunk, max(num_tokens, 1)), min(blocks.vocab_block, vocab)
-    if num_tokens == 0:
+    if num_tokens == 0 or not (strong_request.any or weak_request.any):
         return _zero_grads(strong_request, strong_hidden, strong_weight), _zero_grads(
             weak_request, weak_hidden, weak_weight)
     single_chunk = chunk >= num_tokens
-    out_s = _ModelOutputs(strong_request, strong_hidden, strong_weight, chunk, single_chunk)
-    out_w = _ModelOutputs(weak_request, weak_hidden, weak_weight, chunk, single_chunk)
-    if not (strong_request.any or weak_request.any):
-        return out_s.grads(), out_w.grads()
+    scale, coef_mix, coef_strong = _factor_coefficients(coef_mix, coef_strong)
+    scratch = None
+    if single_chunk and scratch_dim:
+        scratch = torch.empty(block * scratch_dim, device=strong_hidden.device,
+                              dtype=torch.float32)
+    out_s = _ModelOutputs(strong_request, strong_hidden, strong_weight, chunk, single_chunk,
+                          scale, scratch)
+    out_w = _ModelOutputs(weak_request, weak_hidden, weak_weight, chunk, single_chunk, scale,
+                          scratch)
 
     block_grads = _BlockGrads(
         source, tiles, chunk, block, strong_hidden, strong_weight, strong_bias, weak_hidden,

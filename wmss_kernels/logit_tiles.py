@@ -21,12 +21,36 @@ import triton
 import triton.language as tl
 
 
+# Below this |a / c| the soft-cap uses the odd polynomial (Cephes' single-precision tanhf, relative
+# error ~1e-7): the exp form (1 - e) / (1 + e) cancels catastrophically for small arguments.
+SOFTCAP_POLY_LIMIT = tl.constexpr(0.625)
+
+
 @triton.jit
-def tanh(x):
-    """tanh through exp, exact at both tails (exp overflow gives +-1, never NaN)."""
+def soft_cap(a, cap):
+    """``cap * tanh(a / cap)`` to float32 precision for every positive ``cap``.
+
+    Small ``x = a / cap`` use ``tanh x = x + x^3 P(x^2)`` written as ``a + a x^2 P(x^2)``: ``cap`` never
+    multiplies a tiny quantity, so a cap of 1e30 gives back ``a`` (not 0) and 1e5 loses nothing.
+    Large ``|x|`` use ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, exact at the tails (``e`` -> 0).
+    """
+    x = a / cap
+    x2 = x * x
+    poly = (((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
+            + 1.33314422036e-1) * x2 - 3.33332819422e-1
+    near_zero = a + a * (x2 * poly)
     e = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -y, y)
+    tail = cap * ((1.0 - e) / (1.0 + e))
+    tail = tl.where(x < 0, -tail, tail)
+    return tl.where(tl.abs(x) < SOFTCAP_POLY_LIMIT, near_zero, tail)
+
+
+@triton.jit
+def soft_cap_slope(a, cap):
+    """``d/da cap * tanh(a / cap) = sech^2(a / cap) = 4 e / (1 + e)^2`` with ``e = exp(-2|a / cap|)``:
+    full relative precision where the cap saturates, unlike ``1 - tanh^2``."""
+    e = tl.exp(-2.0 * tl.abs(a / cap))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 @triton.jit
@@ -68,8 +92,23 @@ def bias_and_softcap(z, b_ptr, offs_v, mask_v, softcap, HAS_BIAS: tl.constexpr,
         bias = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
         z += bias[None, :]
     if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
+        z = soft_cap(z, softcap)
     return z
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """``x`` (float32) rounded to ``dtype`` for a store, to nearest even.
+
+    ``ROUND_BF16``: round to bfloat16 by hand first (Triton's interpreter truncates float32 to
+    bfloat16, doubling the rounding error; GPUs round to nearest even, so it stays off there).
+    """
+    if ROUND_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
