@@ -137,6 +137,50 @@ def test_low_precision_gradients_in_several_blocks(strong_dtype, weak_dtype, spe
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tiles_per_group", [1, 3])
+@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
+def test_l2_groups_of_any_size_cover_every_tile_once(tiles_per_group, spec, dtype, monkeypatch):
+    """Programs visit (token tile, vocabulary tile) pairs in groups of token tiles; 8 token
+    tiles in groups of 3 leave a ragged last group. bf16 runs the single-accumulator kernel of
+    the paper's loss, both trained and with the weak model frozen."""
+    from wmss_kernels import config, mixed_ce_backward, mixed_token_stats
+    from wmss_kernels.logit_grad import GradBlocks
+
+    tiles = Tiles(16, 32, 16, num_warps=4)
+    row_bytes = (72 + 40) * torch.empty((), dtype=dtype).element_size()
+    monkeypatch.setattr(config, "L2_GROUP_BYTES", tiles_per_group * tiles.block_n * row_bytes)
+    assert config.token_tiles_per_group(tiles.block_n, row_bytes) == tiles_per_group
+    inputs, labels, _ = flat_inputs(shape=(5, 23))  # 115 tokens: 8 token tiles of 16
+    inputs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+    args = [inputs[k].detach().reshape(-1, inputs[k].shape[-1]) if k.endswith("hidden")
+            else inputs[k].detach() for k in ("strong_hidden", "strong_weight", "strong_bias",
+                                              "weak_hidden", "weak_weight", "weak_bias")]
+    flat_labels = labels.reshape(-1)
+    stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
+                              gap_threshold=spec.gap_threshold, ignore_index=-100, tiles=tiles,
+                              num_splits=3)
+    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for weak_request in (ALL, GradRequest(False, False, False)):
+        grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
+                                  stats.max_mix, stats.logsum_mix, coef_mix,
+                                  None if spec.gap_threshold is None else coef_strong,
+                                  lam=spec.lam, softcap=spec.softcap, strong_request=ALL,
+                                  weak_request=weak_request, tiles=tiles,
+                                  blocks=GradBlocks(10**6, 96))
+        if weak_request.any:
+            check(spec, stats, grads, inputs, labels, upstream, tol)
+        else:
+            assert grads[1] == (None, None, None)
+            expected = truth(inputs, labels, lam=spec.lam, softcap=spec.softcap,
+                             gap_threshold=spec.gap_threshold, upstream=upstream)
+            for name, got in zip(["strong_hidden", "strong_weight", "strong_bias"], grads[0]):
+                want = expected.grads[name]
+                assert_close(got.reshape(want.shape), want, tol, f"frozen weak: {name}")
+
+
+@needs_triton
 def test_an_unknown_logit_source_is_refused_by_name(monkeypatch):
     from wmss_kernels import config, mixed_token_stats
 

@@ -46,15 +46,23 @@ GRAD_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=
 # and the shapes in the tests are small, so the GPU tiles are kept (they are exercised as-is).
 
 
+# Operand dtypes for which the backward of the paper's loss builds the mixed logits in a single
+# accumulator (``logit_tiles.mixed_logits_tile``), which allows tiles twice as large. Its rounding
+# differs from the forward's ``lam z_s + (1 - lam) z_w`` by ~1e-7 |z|: far below bf16/fp16 logit
+# gradients' own rounding, but at |z| ~ 1e4 it would cost float32 its 1e-5 accuracy, so float32
+# keeps the two-accumulator kernel, whose mixture is bitwise the forward's.
+SINGLE_ACCUMULATOR_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def stats_tiles(dtype: torch.dtype, arch: Optional[int]) -> Tiles:
     """Tiles of the forward statistics kernel for operands of ``dtype`` on ``arch``
     (``device_arch``; None: the interpreter)."""
     return STATS_TILES
 
 
-def grad_tiles(dtype: torch.dtype, arch: Optional[int], shared: bool) -> Tiles:
-    """Tiles of the backward logit-gradient kernel; ``shared``: one gradient buffer for both
-    models (no soft-capping, no gap masking)."""
+def grad_tiles(dtype: torch.dtype, arch: Optional[int], single_accumulator: bool) -> Tiles:
+    """Tiles of the backward logit-gradient kernels; ``single_accumulator``: the mixed logits in
+    one accumulator (``_mixed_grad_kernel``: no soft-capping, no gap masking)."""
     return GRAD_TILES
 
 
@@ -75,6 +83,17 @@ STATS_LOGIT_BYTES = 256 * 2**20
 # Kernels that read logit blocks from memory (no dot products, so block_d is unused): rows per
 # program and columns per step.
 LOADED_TILES = Tiles(block_n=16, block_v=256, block_d=16, num_warps=4, num_stages=2)
+
+# Hidden-state bytes (both models' rows) that a group of token tiles keeps in L2 while the
+# vocabulary sweeps past it (``logit_tiles.grouped_tile``): a third of H100's 50 MB L2 (A100:
+# 40 MB), leaving room for the weight tiles streaming through and the outputs.
+L2_GROUP_BYTES = 16 * 2**20
+
+
+def token_tiles_per_group(block_n: int, hidden_row_bytes: int) -> int:
+    """Token tiles per L2 group, for hidden rows of ``hidden_row_bytes`` (both models')."""
+    return max(1, L2_GROUP_BYTES // max(block_n * hidden_row_bytes, 1))
+
 
 # Token tiles per combine program (the combine of split-vocabulary partials is elementwise).
 COMBINE_BLOCK_N = 128

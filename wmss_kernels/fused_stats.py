@@ -11,10 +11,11 @@ For each token ``n`` (SPEC section 2), with ``z_s = softcap(h_s W_s^T + b_s)`` a
 
 Two launches:
 
-1. ``_stats_partials_kernel``, grid ``(token tiles, vocabulary splits)``: each program walks one
+1. ``_stats_partials_kernel``, one program per (token tile, vocabulary split): each walks one
    token tile across one slice of the vocabulary, computing logit tiles on the tensor cores and
-   folding them into online statistics (``logit_tiles.online_update``). Splitting the vocabulary
-   keeps every SM busy when there are few tokens.
+   folding them into online statistics (``logit_tiles.online_update``). Programs run in groups
+   of token tiles that stay in L2 (``logit_tiles.grouped_tile``), with enough splits that one
+   group fills the GPU; splitting the vocabulary also keeps every SM busy when tokens are few.
 2. ``_stats_combine_kernel``: merges the splits' partials in a fixed order (deterministic, no
    atomics) and writes the per-token outputs.
 
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from .logit_tiles import fold_pair, loaded_logits_tile, logits_tile, merge_stats
+from .logit_tiles import fold_pair, grouped_tile, loaded_logits_tile, logits_tile, merge_stats
 from .products import write_product
 from .results import MixedTokenStats, SingleTokenStats
 
@@ -63,14 +64,13 @@ def _empty_stats(BLOCK_N: tl.constexpr):
 def _stats_partials_kernel(
     hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, part_ptr,
     num_tokens, vocab, dim_s, dim_w, stride_hs, stride_ws, stride_hw, stride_ww,
-    vocab_per_split, lam, softcap,
+    vocab_per_split, num_splits, group_size, lam, softcap,
     TWO_MODELS: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
+    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N), num_splits,
+                                group_size)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < num_tokens
     # Ignored positions carry labels outside [0, vocab): they match no column.
@@ -245,13 +245,19 @@ def _stats_combine_kernel(
 
 
 def _choose_splits(num_tokens: int, vocab: int, tiles: config.Tiles, device: torch.device,
-                   num_splits: Optional[int]) -> tuple[int, int]:
-    """(splits, vocabulary entries per split); every split is non-empty and tile-aligned."""
+                   num_splits: Optional[int], group_size: int) -> tuple[int, int]:
+    """(splits, vocabulary entries per split); every split is non-empty and tile-aligned.
+
+    Programs run a group of token tiles at a time (``grouped_tile``): enough splits that one
+    group fills the GPU (``STATS_PROGRAMS_PER_SM`` programs per SM), so a group's hidden states
+    are all the hidden states in flight. Few tokens: one group holding them all, more splits.
+    """
     token_tiles = triton.cdiv(num_tokens, tiles.block_n)
     vocab_tiles = triton.cdiv(vocab, tiles.block_v)
     if num_splits is None:
         target = config.STATS_PROGRAMS_PER_SM * config.multiprocessor_count(device)
-        num_splits = min(triton.cdiv(target, token_tiles), config.MAX_VOCAB_SPLITS)
+        live_token_tiles = min(token_tiles, group_size)
+        num_splits = min(triton.cdiv(target, live_token_tiles), config.MAX_VOCAB_SPLITS)
     num_splits = max(1, min(num_splits, vocab_tiles))
     tiles_per_split = triton.cdiv(vocab_tiles, num_splits)
     return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split * tiles.block_v
@@ -305,10 +311,14 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
         return out, mixed.view(torch.bool)
     if tiles is None:
         tiles = config.stats_tiles(hs.dtype, config.device_arch(device))
+    group_size = config.token_tiles_per_group(
+        tiles.block_n, hs.shape[1] * hs.element_size() + (hw.shape[1] * hw.element_size()
+                                                          if two_models else 0))
     if source == "cublas":
         splits = 1
     else:
-        splits, vocab_per_split = _choose_splits(num_tokens, vocab, tiles, device, num_splits)
+        splits, vocab_per_split = _choose_splits(num_tokens, vocab, tiles, device, num_splits,
+                                                 group_size)
     num_partials = NUM_PARTIALS_TWO_MODELS if two_models else NUM_PARTIALS_ONE_MODEL
     partials = torch.empty((num_partials, splits, num_tokens), device=device, dtype=torch.float32)
 
@@ -317,11 +327,12 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
                               lam=lam, softcap=softcap,
                               tiles=config.loaded_tiles(config.device_arch(device)))
     else:
-        grid = (triton.cdiv(num_tokens, tiles.block_n), splits)
+        grid = (triton.cdiv(num_tokens, tiles.block_n) * splits,)
         _stats_partials_kernel[grid](
             hs, ws, bs if bs is not None else ws, hw, ww, bw if bw is not None else ww, labels,
             partials, num_tokens, vocab, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0),
-            hw.stride(0), ww.stride(0), vocab_per_split, float(lam), float(softcap or 1.0),
+            hw.stride(0), ww.stride(0), vocab_per_split, splits, group_size, float(lam),
+            float(softcap or 1.0),
             TWO_MODELS=two_models, HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
             HAS_SOFTCAP=softcap is not None, UPCAST_DOT=config.upcast_dot_operands(),
             DOT_PRECISION=config.dot_precision(), BLOCK_N=tiles.block_n,

@@ -40,7 +40,15 @@ import triton
 import triton.language as tl
 
 from . import config
-from .logit_tiles import loaded_logits_tile, logits_tile, soft_cap, soft_cap_slope, to_storage
+from .logit_tiles import (
+    grouped_tile,
+    loaded_logits_tile,
+    logits_tile,
+    mixed_logits_tile,
+    soft_cap,
+    soft_cap_slope,
+    to_storage,
+)
 from .products import accumulate_product, write_product
 from .results import GradRequest, ModelGrads
 
@@ -110,17 +118,20 @@ def _logit_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, max_s_ptr, logsum_s_ptr,
     max_m_ptr, logsum_m_ptr, coef_mix_ptr, coef_strong_ptr, grad_s_ptr, grad_w_ptr,
     num_tokens, vocab, vocab_start, dim_s, dim_w, stride_hs, stride_ws, stride_hw, stride_ww,
-    stride_grad_s, stride_grad_w, lam, strong_scale, softcap,
+    stride_grad_s, stride_grad_w, group_size, lam, strong_scale, softcap,
     STORE_S: tl.constexpr, STORE_W: tl.constexpr, HAS_GAP: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ROUND_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (token tile, vocabulary tile) of the ``[num_tokens, vocab]`` block starting at
-    ``vocab_start``: both models' logit tiles recomputed with ``tl.dot``, then their gradients.
-    The weight (and bias) pointers start at the block's first row."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ``vocab_start`` (1-D grid in ``grouped_tile`` order): both models' logit tiles recomputed
+    with ``tl.dot``, then their gradients. The weight (and bias) pointers start at the block's
+    first row."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N),
+                                tl.cdiv(vocab, BLOCK_V), group_size)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < num_tokens
     mask = mask_n[:, None] & (offs_v < vocab)[None, :]
     y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s = _row_terms(
@@ -137,6 +148,41 @@ def _logit_grad_kernel(
     _store_logit_grads(a_s, a_w, offs_n, offs_v, mask, y, coef_mix, max_m, logsum_m, coef_strong,
                        max_s, logsum_s, grad_s_ptr, grad_w_ptr, stride_grad_s, stride_grad_w, lam,
                        strong_scale, softcap, STORE_S, STORE_W, HAS_GAP, HAS_SOFTCAP, ROUND_BF16)
+
+
+@triton.jit
+def _mixed_grad_kernel(
+    hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, max_m_ptr, logsum_m_ptr,
+    coef_ptr, grad_ptr, num_tokens, vocab, vocab_start, dim_s, dim_w, stride_hs, stride_ws,
+    stride_hw, stride_ww, stride_grad, group_size, strong_ratio, weak_weight,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, WEAK_IN_MIX: tl.constexpr,
+    ROUND_BF16: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``_logit_grad_kernel`` for the paper's loss (no soft-cap, no gap masking), where both
+    models' logit gradients are multiples of one ``g = c (softmax(z_m) - onehot(y))``: only the
+    mixed logits are needed, built in a single accumulator (``mixed_logits_tile``), and ``g`` is
+    written once to the buffer both models' products read."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N),
+                                tl.cdiv(vocab, BLOCK_V), group_size)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < num_tokens
+    mask = mask_n[:, None] & (offs_v < vocab)[None, :]
+    y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
+    coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
+    max_m = tl.load(max_m_ptr + offs_n, mask=mask_n, other=0.0)
+    logsum_m = tl.load(logsum_m_ptr + offs_n, mask=mask_n, other=0.0)
+    z_m = mixed_logits_tile(hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, offs_n, offs_v,
+                            num_tokens, vocab, dim_s, dim_w, stride_hs, stride_ws, stride_hw,
+                            stride_ww, strong_ratio, weak_weight, HAS_BIAS_S, HAS_BIAS_W,
+                            WEAK_IN_MIX, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+    onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
+    p_m = tl.exp(tl.where(mask, (z_m - max_m[:, None]) - logsum_m[:, None], _MASKED))
+    g = coef[:, None] * (p_m - onehot)
+    rows = offs_n.to(tl.int64)[:, None]
+    tl.store(grad_ptr + rows * stride_grad + offs_v[None, :],
+             to_storage(g, grad_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -338,15 +384,20 @@ class _BlockGrads:
 
     def __init__(self, source, tiles, chunk, block, hs, ws, bs, hw, ww, bw, labels, max_strong,
                  logsum_strong, max_mix, logsum_mix, coef_mix, coef_strong, *, lam, softcap,
-                 store_s, store_w, shared):
+                 store_s, store_w, shared, one_gradient):
         self.source, self.tiles, self.shared = source, tiles, shared
+        self.one_gradient = one_gradient
         self.heads = (hs, ws, bs), (hw, ww, bw)
         self.store = store_s, store_w
         has_gap = coef_strong is not None
         self.unused = max_mix  # placeholder for pointers a launch never dereferences
         self.row_inputs = (labels, max_strong, logsum_strong, max_mix, logsum_mix, coef_mix,
                            coef_strong if has_gap else self.unused)
-        self.scalars = (float(lam), 1.0 if shared else float(lam), float(softcap or 1.0))
+        self.lam = float(lam)
+        self.scalars = (self.lam, 1.0 if shared else self.lam, float(softcap or 1.0))
+        # Token tiles per L2 group (grouped_tile): both models' hidden rows count.
+        self.group_size = config.token_tiles_per_group(
+            tiles.block_n, hs.shape[1] * hs.element_size() + hw.shape[1] * hw.element_size())
         self.flags = dict(STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap,
                           HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
                           HAS_SOFTCAP=softcap is not None,
@@ -373,14 +424,28 @@ class _BlockGrads:
         g_s, g_w = self._stored([None if buf is None else buf[:rows * width].view(rows, width)
                                  for buf in self.buffers])
         tiles = self.tiles
-        grid = (triton.cdiv(rows, tiles.block_n), triton.cdiv(width, tiles.block_v))
+        grid = (triton.cdiv(rows, tiles.block_n) * triton.cdiv(width, tiles.block_v),)
+        launch = dict(UPCAST_DOT=config.upcast_dot_operands(),
+                      DOT_PRECISION=config.dot_precision(), BLOCK_N=tiles.block_n,
+                      BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+                      num_stages=tiles.num_stages)
+        if self.one_gradient:
+            labels, _, _, max_mix, logsum_mix, coef_mix, _ = row_inputs
+            weak_in_mix = self.lam < 1.0
+            _mixed_grad_kernel[grid](
+                hs, ws, bs, hw, ww, bw, labels, max_mix, logsum_mix, coef_mix,
+                g_s if g_s is not None else g_w, rows, width,
+                vocab_start, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0), hw.stride(0),
+                ww.stride(0), width, self.group_size,
+                self.lam / (1.0 - self.lam) if weak_in_mix else 1.0,
+                1.0 - self.lam if weak_in_mix else 1.0, HAS_BIAS_S=self.flags["HAS_BIAS_S"],
+                HAS_BIAS_W=self.flags["HAS_BIAS_W"], WEAK_IN_MIX=weak_in_mix,
+                ROUND_BF16=self.flags["ROUND_BF16"], **launch)
+            return g_s, g_w
         _logit_grad_kernel[grid](
             hs, ws, bs, hw, ww, bw, *row_inputs, *self._pointers(g_s, g_w), rows, width,
             vocab_start, hs.shape[1], hw.shape[1], hs.stride(0), ws.stride(0), hw.stride(0),
-            ww.stride(0), width, width, *self.scalars, **self.flags,
-            UPCAST_DOT=config.upcast_dot_operands(), DOT_PRECISION=config.dot_precision(),
-            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            ww.stride(0), width, width, self.group_size, *self.scalars, **self.flags, **launch)
         return g_s, g_w
 
     def _from_cublas(self, rows, width, vocab_start, heads, row_inputs):
@@ -450,15 +515,21 @@ def mixed_ce_backward(
     has_gap = coef_strong is not None
     # Without soft-capping and gap masking, dL/dz_s = lam g and dL/dz_w = (1 - lam) g: one buffer
     # holds g for both models (half the bytes written and read), scaled in the products instead.
-    shared = (store_s and store_w and softcap is None and not has_gap
-              and strong_hidden.dtype == weak_hidden.dtype)
+    mix_only = softcap is None and not has_gap
+    shared = store_s and store_w and mix_only and strong_hidden.dtype == weak_hidden.dtype
     if shared:
         store_w = False
-    alpha_s, alpha_w = (lam, 1.0 - lam) if shared else (1.0, 1.0)
     source = config.logit_source(logit_source)
+    # The same holds when only one model is trained (a frozen weak model): its buffer holds g.
+    # For half-precision operands _mixed_grad_kernel then computes g from the mixed logits in a
+    # single accumulator ("triton" source; see config.SINGLE_ACCUMULATOR_DTYPES).
+    one_gradient = (mix_only and source == "triton" and not (store_s and store_w)
+                    and strong_hidden.dtype in config.SINGLE_ACCUMULATOR_DTYPES
+                    and weak_hidden.dtype in config.SINGLE_ACCUMULATOR_DTYPES)
+    alpha_s, alpha_w = (lam, 1.0 - lam) if shared or one_gradient else (1.0, 1.0)
     if tiles is None:
         tiles = config.grad_tiles(strong_hidden.dtype, config.device_arch(strong_hidden.device),
-                                  shared)
+                                  single_accumulator=one_gradient)
     if source == "cublas":  # both models' float32 logits; the gradients overwrite them in place
         bytes_per_entry = 8
     else:  # each logit gradient in its model's dtype, the operand dtype of its products
@@ -493,7 +564,8 @@ def mixed_ce_backward(
     block_grads = _BlockGrads(
         source, tiles, chunk, block, strong_hidden, strong_weight, strong_bias, weak_hidden,
         weak_weight, weak_bias, labels, max_strong, logsum_strong, max_mix, logsum_mix, coef_mix,
-        coef_strong, lam=lam, softcap=softcap, store_s=store_s, store_w=store_w, shared=shared)
+        coef_strong, lam=lam, softcap=softcap, store_s=store_s, store_w=store_w, shared=shared,
+        one_gradient=one_gradient)
     for t0 in range(0, num_tokens, chunk):
         tokens = slice(t0, min(t0 + chunk, num_tokens))
         hs, hw = strong_hidden[tokens], weak_hidden[tokens]

@@ -2,6 +2,8 @@
 
 * ``logits_tile``: one ``[BLOCK_N, BLOCK_V]`` tile of ``h @ W^T (+ b)``, optionally soft-capped,
   accumulated in float32 on the tensor cores; the full logits never exist in memory.
+  ``mixed_logits_tile``: the mixture's tile in a single accumulator.
+* ``grouped_tile``: the L2-friendly order in which programs visit (token, vocabulary) tiles.
 * ``loaded_logits_tile``: the same tile read from a logit block that cuBLAS wrote to memory
   (the ``"cublas"`` logit source, see ``config.LOGIT_SOURCE``).
 * ``online_update``: folds one logit tile into running per-token statistics that give, at the end
@@ -54,24 +56,39 @@ def soft_cap_slope(a, cap):
 
 
 @triton.jit
-def logits_tile(
-    h_ptr, w_ptr, b_ptr, offs_n, offs_v, num_tokens, vocab, dim, stride_h, stride_w, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def grouped_tile(pid, num_token_tiles, num_vocab_tiles, group_size):
+    """``(token tile, vocabulary tile)`` of program ``pid`` on a 1-D grid, in L2-friendly order.
+
+    Programs start in ``pid`` order, so the ones running at once are consecutive: in groups of
+    ``group_size`` token tiles (``config.token_tiles_per_group``), each group sweeps the whole
+    vocabulary, token tile fastest. The group's hidden states then stay in L2 while the weights
+    stream past them, and each weight tile is read from memory once per group, for all its
+    token tiles at once. (With the token tile alone fastest, every live program would hold a
+    different token tile: far more hidden states than L2 holds, re-read for every weight tile.)
+    """
+    per_group = group_size * num_vocab_tiles
+    first = (pid // per_group) * group_size
+    size = tl.minimum(num_token_tiles - first, group_size)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def accumulate_logits(
+    acc, h_ptr, w_ptr, offs_n, offs_v, num_tokens, vocab, dim, stride_h, stride_w,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """float32 ``[BLOCK_N, BLOCK_V]`` tile of ``softcap(h W^T + b)``.
+    """``acc + h W^T`` for a float32 ``[BLOCK_N, BLOCK_V]`` accumulator (rows ``offs_n``, columns
+    ``offs_v``), on the tensor cores.
 
     ``h`` is ``[num_tokens, dim]`` with row stride ``stride_h``; ``W`` is ``[vocab, dim]`` with row
-    stride ``stride_w``; both have unit column stride. Out-of-range rows/columns read zeros; the
-    caller masks the columns it must ignore.
+    stride ``stride_w``; both have unit column stride. Out-of-range rows/columns read zeros.
     """
     mask_n = offs_n < num_tokens
     mask_v = offs_v < vocab
     # Row pointers once per tile, in int64: V * d passes 2^31 for the largest heads.
     h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_h
     w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
@@ -81,7 +98,51 @@ def logits_tile(
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return bias_and_softcap(acc, b_ptr, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+    return acc
+
+
+@triton.jit
+def logits_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, num_tokens, vocab, dim, stride_h, stride_w, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """float32 ``[BLOCK_N, BLOCK_V]`` tile of ``softcap(h W^T + b)`` (layout as in
+    ``accumulate_logits``); the caller masks the columns it must ignore."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    acc = accumulate_logits(acc, h_ptr, w_ptr, offs_n, offs_v, num_tokens, vocab, dim, stride_h,
+                            stride_w, UPCAST_DOT, DOT_PRECISION, BLOCK_D)
+    return bias_and_softcap(acc, b_ptr, offs_v, offs_v < vocab, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def mixed_logits_tile(
+    hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, offs_n, offs_v, num_tokens, vocab, dim_s,
+    dim_w, stride_hs, stride_ws, stride_hw, stride_ww, strong_ratio, weak_weight,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_W: tl.constexpr, WEAK_IN_MIX: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """float32 tile of the mixed logits ``lam z_s + (1 - lam) z_w`` (no soft-cap) in ONE
+    accumulator: ``((z_s * lam / (1 - lam)) + z_w) * (1 - lam)``, the weak products accumulating
+    onto the scaled strong ones. Half the accumulator registers of two tiles, so twice the tile.
+
+    ``strong_ratio = lam / (1 - lam)`` and ``weak_weight = 1 - lam``; ``WEAK_IN_MIX=False`` (lam
+    = 1) gives ``z_s`` alone.
+    """
+    mask_v = offs_v < vocab
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    acc = accumulate_logits(acc, hs_ptr, ws_ptr, offs_n, offs_v, num_tokens, vocab, dim_s,
+                            stride_hs, stride_ws, UPCAST_DOT, DOT_PRECISION, BLOCK_D)
+    acc = bias_and_softcap(acc, bs_ptr, offs_v, mask_v, 1.0, HAS_BIAS_S, False)
+    if WEAK_IN_MIX:
+        acc = acc * strong_ratio
+        acc = accumulate_logits(acc, hw_ptr, ww_ptr, offs_n, offs_v, num_tokens, vocab, dim_w,
+                                stride_hw, stride_ww, UPCAST_DOT, DOT_PRECISION, BLOCK_D)
+        acc = bias_and_softcap(acc, bw_ptr, offs_v, mask_v, 1.0, HAS_BIAS_W, False)
+        acc = acc * weak_weight
+    return acc
 
 
 @triton.jit
