@@ -3,11 +3,16 @@
 ``wmss bench`` (``wmss/commands/bench.py``) is the front door; ``python -m benchmarks`` is the
 same command. Modules:
 
-* ``shapes``: the lm-head shapes, token sweeps, tolerances and timing settings (every tunable).
+* ``shapes``: the lm-head shapes, token sweeps, input settings, the correctness rule's constants
+  and timing settings (every tunable).
+* ``inputs``: the inputs every provider gets, ``gaussian`` or ``realistic`` (peaked, heavy-tailed
+  next-token distributions like a trained LM's).
 * ``providers``: naive, torch_compile, liger_concat, cce_concat, gemm_floor, wmss_torch,
   wmss_triton, wmss_triton_cublas; each builds the timed step of a mode.
-* ``check``: the float64 truth every provider is checked against before it is timed.
-* ``measure``: time (``triton.testing.do_bench`` on GPU) and peak memory above the inputs.
+* ``check``: the one rule every provider is judged by before it is timed: its error against
+  float64 at most a factor times the plain formula's error in the input dtype.
+* ``measure``: time (``triton.testing.do_bench`` on GPU; providers interleaved on CPU) and peak
+  memory above the inputs.
 * ``run``: the sweep; ``csvio``: the results CSV; ``report``: markdown tables; ``plot``: PNGs;
   ``merge``: fold a CSV measured on another machine into ``results/``.
 

@@ -1,7 +1,20 @@
-"""``python -m benchmarks [options]`` from the repository root: the same as ``wmss bench``."""
+"""``python -m benchmarks [options]`` from the repository root: the same as ``wmss bench``, with
+this harness's own options added to its parser (``run.add_arguments``: ``--inputs``)."""
 
+import argparse
 import sys
 
-from wmss.cli import main
+from wmss.commands.bench import add_arguments as add_bench_arguments
 
-sys.exit(main(["bench", *sys.argv[1:]]))
+from . import run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description="the same as `wmss bench`")
+    add_bench_arguments(parser)
+    run.add_arguments(parser)
+    return run.main(parser.parse_args(argv))
+
+
+sys.exit(main())

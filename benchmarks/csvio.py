@@ -2,9 +2,13 @@
 
 One row per (kernel, provider, mode, metric, token count): ``metric`` is ``speed`` (unit ms,
 p50/p20/p80 over the timed calls) or ``memory`` (unit MB = 2^20 bytes, one measurement, so
-p50 = p20 = p80). ``config`` is compact JSON: the head shape, dtype, lam, softcap, widths,
-vocabulary, library versions and ``status`` ("ok", or why there is no figure: "unsupported",
-"mismatch", "oom", "error", with a ``detail``); rows that are not "ok" have empty figures.
+p50 = p20 = p80). ``config`` is compact JSON: the head shape, dtype, input mode (``inputs``;
+rows written before it existed are ``gaussian``), lam, softcap, widths, vocabulary, library
+versions, ``status`` ("ok", or why there is no figure: "unsupported", "mismatch", "oom",
+"error", with a ``detail``) and, for a checked provider, ``check``: the correctness check's
+token count, rule (``factor``, ``floor``) and each output's relative ``error`` next to the plain
+formula's (``plain_error``; null: missing or non-finite). Rows that are not "ok" have empty
+figures.
 Every run appends; ``timestamp`` (UTC, the run's start) tells runs apart.
 """
 
@@ -73,6 +77,11 @@ def config_of(row: dict) -> dict:
     return json.loads(row["config"]) if row.get("config") else {}
 
 
+def inputs_of(config: dict) -> str:
+    """The row's input mode; rows from before the modes existed were Gaussian."""
+    return config.get("inputs", "gaussian")
+
+
 def figure(row: dict, column: str = "p50"):
     """A row's number as a float, or None for rows without figures."""
     value = row.get(column, "")
@@ -80,11 +89,11 @@ def figure(row: dict, column: str = "p50"):
 
 
 def latest_rows(rows: list[dict]) -> list[dict]:
-    """The rows of the latest run of each (kernel, provider, shape, dtype): reruns of one provider
-    or one shape replace only those figures."""
+    """The rows of the latest run of each (kernel, provider, shape, dtype, inputs): reruns of one
+    provider, shape or input mode replace only those figures."""
     def group(row):
         cfg = config_of(row)
-        return row["kernel"], row["provider"], cfg.get("shape"), cfg.get("dtype")
+        return row["kernel"], row["provider"], cfg.get("shape"), cfg.get("dtype"), inputs_of(cfg)
 
     newest: dict = {}
     for row in rows:

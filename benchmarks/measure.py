@@ -3,12 +3,14 @@
 Every call is ``prepare()`` (untimed: e.g. the forward whose backward is measured), ``run()``
 (timed) and ``release()``; gradients are reset to None before each call, so nothing accumulates.
 
-GPU time: the loop of ``triton.testing.do_bench`` written out, because a backward-only call needs
-a fresh forward before each timed call and ``do_bench`` has no untimed per-call setup: the L2
-cache is flushed (a 256 MB write) before each call, CUDA events bracket ``run()`` alone, the
-run is sized from one call (warm-up of ``GPU_WARMUP_MS``, then ``GPU_REP_MS`` of calls but at least
-``GPU_MIN_SAMPLES``), and the host synchronises only at the end. CPU time: ``time.perf_counter``
-around ``run()``.
+GPU time, one provider after another: the loop of ``triton.testing.do_bench`` written out,
+because a backward-only call needs a fresh forward before each timed call and ``do_bench`` has no
+untimed per-call setup: the L2 cache is flushed (a 256 MB write) before each call, CUDA events
+bracket ``run()`` alone, the run is sized from one call (warm-up of ``GPU_WARMUP_MS``, then
+``GPU_REP_MS`` of calls but at least ``GPU_MIN_SAMPLES``), and the host synchronises only at the
+end. CPU time: ``time.perf_counter`` around ``run()``, the providers of a point interleaved
+(``interleaved_order``: A B C A B C ...), so that a burst of machine noise (another process, a
+frequency change) falls on all of them alike instead of on whichever was being timed.
 
 Memory: the peak during ``prepare(); run()`` minus what was allocated before (the inputs), so it
 counts the forward's saved state, the gradients and every temporary. GPU:
@@ -24,7 +26,7 @@ import gc
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -154,10 +156,13 @@ def _cuda_peak(device: torch.device) -> int:
 # ---- time ---------------------------------------------------------------------------------------
 
 def time_ms(step: Step, device: torch.device) -> tuple[float, float, float]:
-    """(p50, p20, p80) of ``run()`` in ms."""
+    """(p50, p20, p80) of ``run()`` in ms, this step alone."""
     if device.type == "cuda":
         return _time_cuda(step, device)
-    return _time_cpu(step)
+    result = time_cpu_interleaved({"step": step})["step"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _time_cuda(step: Step, device: torch.device) -> tuple[float, float, float]:
@@ -184,22 +189,70 @@ def _time_cuda(step: Step, device: torch.device) -> tuple[float, float, float]:
     return quantiles([start.elapsed_time(end) for start, end in events])
 
 
-def _time_cpu(step: Step) -> tuple[float, float, float]:
-    for _ in range(CPU_WARMUP_CALLS):
-        call(step)
-    samples = []
+def _time_cpu_call(step: Step) -> float:
+    """One ``call`` with ``run()`` timed by ``perf_counter``, in ms."""
     clock = {}
-    for _ in range(CPU_REPEATS):
-        call(step, before_run=lambda: clock.update(start=time.perf_counter()),
-             after_run=lambda: clock.update(stop=time.perf_counter()))
-        samples.append((clock["stop"] - clock["start"]) * 1e3)
-    return quantiles(samples)
+    call(step, before_run=lambda: clock.update(start=time.perf_counter()),
+         after_run=lambda: clock.update(stop=time.perf_counter()))
+    return (clock["stop"] - clock["start"]) * 1e3
 
 
-def measure(step: Step, device: torch.device, with_memory: bool = True) -> Measurement:
-    """One warm-up call (compilation, autotuning, workspaces), peak memory (one call), time."""
+def interleaved_order(names: list[str], repeats: int) -> list[str]:
+    """The CPU timing schedule: every name once per repetition, in the given order
+    (``["A", "B"], 2`` -> ``["A", "B", "A", "B"]``)."""
+    return [name for _ in range(repeats) for name in names]
+
+
+def time_cpu_interleaved(steps: dict[str, Step], repeats: int = CPU_REPEATS,
+                         warmup: int = CPU_WARMUP_CALLS) -> dict[str, Union[tuple, Exception]]:
+    """(p50, p20, p80) in ms of each step's ``run()``, the steps interleaved: ``warmup`` untimed
+    rounds, then ``repeats`` timed ones, each round calling every step once, in order.
+
+    A step that raises is left out of later rounds; its entry is the exception.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    failed: dict[str, Exception] = {}
+    for name in interleaved_order(list(steps), warmup + repeats):
+        if name in failed:
+            continue
+        try:
+            samples[name].append(_time_cpu_call(steps[name]))
+        except Exception as error:  # one provider failing must not stop the others' timing
+            failed[name] = error
+    return {name: failed[name] if name in failed else quantiles(samples[name][warmup:])
+            for name in steps}
+
+
+# ---- a measurement: warm-up, peak memory, time --------------------------------------------------
+
+def _warm_up_and_peak_memory(step: Step, device: torch.device,
+                             with_memory: bool) -> Optional[float]:
+    """One warm-up call (compilation, autotuning, workspaces), then peak memory (one call)."""
     call(step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    mb = peak_memory_mb(step, device) if with_memory else None
+    return peak_memory_mb(step, device) if with_memory else None
+
+
+def measure(step: Step, device: torch.device, with_memory: bool = True) -> Measurement:
+    """One provider alone (the GPU sweep): warm-up call, peak memory, time."""
+    mb = _warm_up_and_peak_memory(step, device, with_memory)
     return Measurement(time_ms(step, device), mb)
+
+
+def measure_interleaved(steps: dict[str, Step], with_memory: dict[str, bool],
+                        device: torch.device) -> dict[str, Union[Measurement, Exception]]:
+    """Several providers at one point (the CPU sweep): each one's warm-up call and peak memory
+    in turn, then their times interleaved (``time_cpu_interleaved``). A provider that raises gets
+    the exception as its entry; the others are still measured."""
+    results: dict[str, Union[Measurement, Exception]] = {}
+    memory: dict[str, Optional[float]] = {}
+    for name, step in steps.items():
+        try:
+            memory[name] = _warm_up_and_peak_memory(step, device, with_memory[name])
+        except Exception as error:
+            results[name] = error
+    times = time_cpu_interleaved({name: steps[name] for name in memory})
+    for name, ms in times.items():
+        results[name] = ms if isinstance(ms, Exception) else Measurement(ms, memory[name])
+    return {name: results[name] for name in steps}

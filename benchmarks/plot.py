@@ -1,9 +1,10 @@
 """PNG plots from a results CSV (matplotlib, Agg backend: no display needed).
 
-One figure per (kernel, shape, dtype): a column per mode, time (p50, with the p20-p80 band) on top
-and peak memory below, one line per provider against the token count, both axes logarithmic.
-Files are ``<device>-<kernel>-<shape>-<dtype>.png`` next to the CSV. Only the latest run of each
-(kernel, provider, shape, dtype) is drawn.
+One figure per (kernel, shape, dtype, inputs): a column per mode, time (p50, with the p20-p80
+band) on top and peak memory below, one line per provider against the token count, both axes
+logarithmic. Files are ``<device>-<kernel>-<shape>-<dtype>.png`` next to the CSV for Gaussian
+inputs (the names of earlier results), ``...-<dtype>-<inputs>.png`` for the other modes. Only the
+latest run of each (kernel, provider, shape, dtype, inputs) is drawn.
 
 ``python -m benchmarks.plot benchmarks/results/<device>.csv`` redraws them.
 """
@@ -34,14 +35,15 @@ METRICS = (("speed", "time, p50 (ms)"), ("memory", "peak memory above inputs (MB
 
 
 def _series(rows: list[dict]) -> dict:
-    """(kernel, shape, dtype) -> (mode, metric, provider) -> sorted [(x, p50, p20, p80)]."""
+    """(kernel, shape, dtype, inputs) -> (mode, metric, provider) -> sorted
+    [(x, p50, p20, p80)]."""
     groups: dict = defaultdict(lambda: defaultdict(list))
     for row in csvio.latest_rows(rows):
         cfg = csvio.config_of(row)
         if cfg.get("status", "ok") != "ok" or not row["x_value"]:
             continue
         figures = tuple(csvio.figure(row, c) for c in ("p50", "p20", "p80"))
-        groups[(row["kernel"], cfg["shape"], cfg["dtype"])][
+        groups[(row["kernel"], cfg["shape"], cfg["dtype"], csvio.inputs_of(cfg))][
             (row["mode"], row["metric"], row["provider"])].append((int(row["x_value"]), *figures))
     for series in groups.values():
         for points in series.values():
@@ -49,8 +51,12 @@ def _series(rows: list[dict]) -> dict:
     return groups
 
 
+def _inputs_suffix(inputs: str) -> str:
+    return "" if inputs == "gaussian" else f"-{inputs}"
+
+
 def plot_results(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
-    """Draw every (kernel, shape, dtype) of ``csv_path``; returns the PNG paths."""
+    """Draw every (kernel, shape, dtype, inputs) of ``csv_path``; returns the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +68,7 @@ def plot_results(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
     rows = csvio.read_rows(csv_path)
     device = rows[0]["device"] if rows else "unknown"
     paths = []
-    for (kernel, shape, dtype), series in sorted(_series(rows).items()):
+    for (kernel, shape, dtype, inputs), series in sorted(_series(rows).items()):
         modes = [m for m in KERNEL_MODES[kernel] if any(k[0] == m for k in series)]
         width = 4.6 * len(modes) + LEGEND_INCHES
         fig, axes = plt.subplots(len(METRICS), len(modes), figsize=(width, 7.5), squeeze=False)
@@ -99,9 +105,9 @@ def plot_results(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
                 handles.setdefault(label, handle)
         fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=9)
         where = "CPU figures" if device == "cpu" else device
-        fig.suptitle(f"{kernel}: {shape}, {dtype} ({where})")
+        fig.suptitle(f"{kernel}: {shape}, {dtype}, {inputs} inputs ({where})")
         fig.tight_layout(rect=(0, 0, 1 - LEGEND_INCHES / width, 0.96))
-        path = out_dir / f"{device}-{kernel}-{shape}-{dtype}.png"
+        path = out_dir / f"{device}-{kernel}-{shape}-{dtype}{_inputs_suffix(inputs)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)

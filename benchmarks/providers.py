@@ -10,8 +10,9 @@ A provider turns a ``Problem`` and its inputs into a ``Step`` for a mode:
 * ``token_entropy`` uses the strong head only: ``entropy()`` returns float32 ``[N]`` entropies
   (no gradient). Mode: ``forward``.
 
-Each provider says which kernels, devices and dtypes it supports and which optional package it
-needs (``unsupported()`` gives the reason, or None).
+``inputs.make_inputs`` draws the inputs (the same for every provider at a point). Each provider
+says which kernels, devices and dtypes it supports and which optional package it needs
+(``unsupported()`` gives the reason, or None).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 import wmss
 from wmss import defaults
 
-from .shapes import LAM, LOGIT_SCALE, HeadShape
+from .shapes import LAM, HeadShape
 
 IGNORE_INDEX = defaults.IGNORE_INDEX
 
@@ -42,36 +43,11 @@ class Problem:
     tokens: int
     device: torch.device
     lam: float = LAM
+    inputs: str = "gaussian"  # how the inputs are drawn (inputs.py, shapes.INPUT_MODES)
 
     @property
     def softcap(self) -> Optional[float]:
         return self.shape.softcap
-
-
-def make_inputs(problem: Problem, seed: int) -> dict[str, torch.Tensor]:
-    """Random inputs of ``problem`` in its dtype; the same seed gives every provider the same ones.
-
-    Hidden states ~ N(0, 1), weights ~ N(0, LOGIT_SCALE^2 / d): logits with std ~LOGIT_SCALE.
-    For ``fused_loss`` the four floating tensors are leaves that require grad.
-    """
-    device, shape = problem.device, problem.shape
-    generator = torch.Generator(device=device).manual_seed(seed)
-    grad = problem.kernel == "fused_loss"
-
-    def leaf(rows: int, cols: int, scale: float) -> torch.Tensor:
-        x = torch.randn(rows, cols, device=device, generator=generator)
-        return x.mul_(scale).to(problem.dtype).requires_grad_(grad)
-
-    n, v = problem.tokens, shape.vocab
-    inputs = {
-        "strong_hidden": leaf(n, shape.d_strong, 1.0),
-        "strong_weight": leaf(v, shape.d_strong, LOGIT_SCALE / shape.d_strong ** 0.5),
-        "labels": torch.randint(0, v, (n,), device=device, generator=generator),
-    }
-    if grad:
-        inputs["weak_hidden"] = leaf(n, shape.d_weak, 1.0)
-        inputs["weak_weight"] = leaf(v, shape.d_weak, LOGIT_SCALE / shape.d_weak ** 0.5)
-    return inputs
 
 
 LEAVES = ("strong_hidden", "strong_weight", "weak_hidden", "weak_weight")

@@ -5,7 +5,10 @@ against the best peer and against ``gemm_floor``.
 for it (a GPU run), else ``wmss_torch``; ``wmss_triton_cublas`` (the other logit source) has its
 own column. Every ratio is wmss / other: below 1, wmss is faster (or leaner). The best peer
 is the fastest (or leanest) of naive, torch_compile, liger_concat and cce_concat at that point,
-named next to the ratio. Only the latest run of each (kernel, provider, shape, dtype) is shown.
+named next to the ratio. Points are (kernel, mode, shape, dtype, inputs, tokens): each input
+mode (``gaussian``, ``realistic``) is its own row. Only the latest run of each (kernel, provider,
+shape, dtype, inputs) is shown. The full report ends with the correctness check of every provider:
+its error against float64 beside the plain formula's, so the margin of each verdict is visible.
 
 ``python -m benchmarks.report benchmarks/results/<device>.csv`` prints the full report.
 """
@@ -17,28 +20,35 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import csvio
-from .providers import FLOOR, PEERS, PROVIDERS
-from .shapes import ALL_SHAPES, KERNEL_MODES
+from .providers import FLOOR, LEAVES, PEERS, PROVIDERS
+from .shapes import ALL_SHAPES, ERROR_FACTOR, ERROR_FLOOR, INPUT_MODES, KERNEL_MODES
 
 # The mode that answers "what does a training step cost" for each kernel.
 HEADLINE_MODE = {"fused_loss": "full", "token_entropy": "forward"}
 # Short cell text for rows without figures.
 STATUS_TEXT = {"unsupported": "n/a", "mismatch": "mismatch", "oom": "oom", "error": "error"}
+# The outputs the correctness check judges, per kernel (the columns of the correctness tables).
+CHECKED_OUTPUTS = {"fused_loss": ("loss", *LEAVES), "token_entropy": ("entropy",)}
 
 
 def _num(x: float) -> str:
     return f"{x:.0f}" if x >= 1000 else f"{x:.3g}"
 
 
+def _order(value, known) -> tuple:
+    known = list(known)
+    return (known.index(value) if value in known else len(known), str(value))
+
+
 def _sort_key(point):
-    kernel, mode, shape, dtype, x = point
-    shapes = list(ALL_SHAPES)
+    kernel, mode, shape, dtype, inputs, x = point
     return (list(KERNEL_MODES).index(kernel), KERNEL_MODES[kernel].index(mode),
-            shapes.index(shape) if shape in shapes else len(shapes), shape, dtype, x)
+            _order(shape, ALL_SHAPES), dtype, _order(inputs, INPUT_MODES), x)
 
 
 class Table:
-    """The latest figures of one CSV, indexed by point (kernel, mode, shape, dtype, tokens)."""
+    """The latest figures of one CSV, indexed by point (kernel, mode, shape, dtype, inputs,
+    tokens)."""
 
     def __init__(self, rows: list[dict]):
         rows = csvio.latest_rows(rows)
@@ -51,16 +61,22 @@ class Table:
         self.notes: dict = defaultdict(set)  # (provider, status, detail) -> {"shape dtype"}
         self.points: set = set()
         self.kernel_providers: dict = defaultdict(set)  # kernel -> providers with rows for it
+        # (kernel, shape, dtype, inputs, provider) -> (status, the config's "check")
+        self.checks: dict = {}
         for row in rows:
             self.kernel_providers[row["kernel"]].add(row["provider"])
             cfg = csvio.config_of(row)
-            group = (row["kernel"], row["mode"], cfg.get("shape"), cfg.get("dtype"))
+            inputs = csvio.inputs_of(cfg)
+            group = (row["kernel"], row["mode"], cfg.get("shape"), cfg.get("dtype"), inputs)
             status, provider = cfg.get("status", "ok"), row["provider"]
+            if "check" in cfg:
+                self.checks[(row["kernel"], cfg.get("shape"), cfg.get("dtype"), inputs,
+                             provider)] = (status, cfg["check"])
             if status != "ok":
                 x = int(row["x_value"]) if row["x_value"] else None
                 self.status[(group + (x,), provider)] = status
                 self.notes[(provider, status, cfg.get("detail", ""))].add(
-                    f"{row['kernel']} {cfg.get('shape')} {cfg.get('dtype')}")
+                    f"{row['kernel']} {cfg.get('shape')} {cfg.get('dtype')} {inputs}")
                 if x is not None:
                     self.points.add(group + (x,))
                 continue
@@ -76,8 +92,8 @@ class Table:
     def cell(self, point, provider) -> str:
         ms = self.ms.get((point, provider))
         if ms is None:
-            status = self.status.get((point, provider)) or self.status.get((point[:4] + (None,),
-                                                                             provider))
+            status = (self.status.get((point, provider))
+                      or self.status.get((point[:5] + (None,), provider)))
             return STATUS_TEXT.get(status, "—")
         mb = self.mb.get((point, provider))
         return f"{_num(ms)} ms" + ("" if mb is None else f" · {_num(mb)} MB")
@@ -102,14 +118,14 @@ class Table:
         kernels = {p[0] for p in points}
         providers = [p for p in self.providers
                      if any(p in self.kernel_providers[k] for k in kernels)]
-        header = ["shape", "dtype", "tokens", *providers,
+        header = ["shape", "dtype", "inputs", "tokens", *providers,
                   f"{self.wmss} / best peer: time", "memory", f"{self.wmss} / {FLOOR}"]
-        lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines = [_table_row(header), "|" + " --- |" * len(header)]
         for point in points:
-            _, _, shape, dtype, x = point
-            cells = [shape, dtype, str(x), *(self.cell(point, p) for p in providers),
+            _, _, shape, dtype, inputs, x = point
+            cells = [shape, dtype, inputs, str(x), *(self.cell(point, p) for p in providers),
                      *self.ratios(point)]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(_table_row(cells))
         return "\n".join(lines)
 
     def headline_points(self, kernel: str) -> list:
@@ -118,16 +134,65 @@ class Table:
         best: dict = {}
         for point in self.points:
             if point[0] == kernel and point[1] == mode and (point, self.wmss) in self.ms:
-                key = point[2:4]
-                if key not in best or point[4] > best[key][4]:
+                key = point[2:5]  # shape, dtype, inputs
+                if key not in best or point[5] > best[key][5]:
                     best[key] = point
         return list(best.values())
+
+    def checks_markdown(self, kernel: str) -> str:
+        """One row per checked (shape, dtype, inputs, provider) of ``kernel``: the verdict, the
+        worst output's error as a fraction of its limit, and each output's error / plain error."""
+        outputs = CHECKED_OUTPUTS[kernel]
+        header = ["shape", "dtype", "inputs", "provider", "verdict", "worst / limit", *outputs]
+        lines = [_table_row(header), "|" + " --- |" * len(header)]
+        keys = sorted((k for k in self.checks if k[0] == kernel),
+                      key=lambda k: (_order(k[1], ALL_SHAPES), k[2], _order(k[3], INPUT_MODES),
+                                     _order(k[4], PROVIDERS)))
+        for key in keys:
+            status, check = self.checks[key]
+            verdict = "ok" if status == "ok" else STATUS_TEXT.get(status, status)
+            cells = [*key[1:], verdict, _worst_fraction(check),
+                     *(_error_cell(check, name) for name in outputs)]
+            lines.append(_table_row(cells))
+        return "\n".join(lines) if keys else ""
 
     def notes_markdown(self) -> str:
         lines = []
         for (provider, status, detail), where in sorted(self.notes.items()):
             lines.append(f"- `{provider}` {status} ({', '.join(sorted(where))}): {detail}")
         return "\n".join(lines)
+
+
+def _table_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _error(check: dict, column: str, name: str) -> float:
+    value = check.get(column, {}).get(name, float("inf"))
+    return float("inf") if value is None else value  # null: missing or non-finite
+
+
+def _error_cell(check: dict, name: str) -> str:
+    """``provider's error / plain formula's error`` of one output."""
+    if name not in check.get("error", {}):
+        return "—"
+    return f"{_error(check, 'error', name):.1e} / {_error(check, 'plain_error', name):.1e}"
+
+
+def _worst_fraction(check: dict) -> str:
+    """max over outputs of error / (factor * plain + floor): at most 1 passes."""
+    factor = check.get("factor", ERROR_FACTOR)
+    floor = check.get("floor", ERROR_FLOOR)
+    fractions = [_error(check, "error", name) / (factor * _error(check, "plain_error", name)
+                                                 + floor)
+                 for name in check.get("error", {})]
+    return f"{max(fractions):.2f}" if fractions else "—"
+
+
+def _rule_text() -> str:
+    return (f"for the loss and every gradient, or the entropies, the relative error "
+            f"`||got - exact|| / ||exact||` against float64 is at most {ERROR_FACTOR:g}x the "
+            f"plain formula's (`naive`, computed in the input dtype) plus {ERROR_FLOOR:.0e}")
 
 
 def _preamble(table: Table) -> str:
@@ -140,9 +205,11 @@ def _preamble(table: Table) -> str:
                      "relative costs on a CPU, not GPU performance.")
     lines.append(f"Cells: p50 time · peak memory above the inputs (MB = 2^20 bytes). Ratios are "
                  f"`{table.wmss}` / other (below 1: wmss faster or leaner); the best peer is the "
-                 f"best of {', '.join(PEERS)} at that point. `n/a`: provider unsupported there; "
-                 f"`mismatch`: failed the correctness check, not timed; `oom`: out of memory; "
-                 f"`—`: not measured.")
+                 f"best of {', '.join(PEERS)} at that point. Inputs: `gaussian` logits or "
+                 f"`realistic` (peaked, heavy-tailed, like a trained LM's). `n/a`: provider "
+                 f"unsupported there; `mismatch`: failed the correctness rule (an error above "
+                 f"{ERROR_FACTOR:g}x the plain formula's; both are in the full report's "
+                 f"correctness check), not timed; `oom`: out of memory; `—`: not measured.")
     return "\n\n".join(lines)
 
 
@@ -168,6 +235,14 @@ def full_markdown(rows: list[dict]) -> str:
             points = [p for p in table.points if p[0] == kernel and p[1] == mode]
             if points:
                 parts.append(f"### {kernel}, {mode}\n\n" + table.markdown(points))
+    checks = [(kernel, table.checks_markdown(kernel)) for kernel in KERNEL_MODES]
+    if any(text for _, text in checks):
+        parts.append("## Correctness check\n\n"
+                     f"Before timing, each provider is judged by one rule: {_rule_text()}. Each "
+                     "cell: the provider's error / the plain formula's; `worst / limit`: the "
+                     "worst output's error as a fraction of what the rule allows (at most 1 "
+                     "passes).")
+        parts += [f"### {kernel}\n\n{text}" for kernel, text in checks if text]
     notes = table.notes_markdown()
     if notes:
         parts.append("## Providers without figures\n\n" + notes)

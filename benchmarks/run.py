@@ -1,16 +1,20 @@
-"""The sweep behind ``wmss bench``: check each provider, then time it, and write the CSV rows.
+"""The sweep behind ``wmss bench``: check the providers, then time them, and write the CSV rows.
 
-For every kernel, head shape, dtype and provider (in that order, so ``torch.compile`` compiles
-once per group): if the provider cannot run here, one ``unsupported`` row per mode says why;
-otherwise its result is checked against the float64 truth on ``CHECK_TOKENS`` tokens, and a
-provider that disagrees gets ``mismatch`` rows and is not timed. Then each token count and mode
-is measured (warm-up, peak memory, time). A provider that runs out of memory at some token count
-gets an ``oom`` row and is not tried at larger ones. Rows are appended to the CSV after every
-group, so an interrupted sweep keeps what it measured.
+For every kernel, head shape, dtype and input mode (in that order, so ``torch.compile`` compiles
+once per (kernel, shape, dtype)), the providers are taken together as one group. A provider that
+cannot run here gets one ``unsupported`` row per mode saying why. The others are judged on
+``CHECK_TOKENS`` tokens by one rule (``check.py``: each output's error against float64 next to
+the plain formula's error in the input dtype); one that fails gets ``mismatch`` rows stating both
+errors and is not timed. Then, at each token count and mode, every remaining provider is measured
+on the same inputs (warm-up, peak memory, time): on a GPU one after another, on a CPU with their
+timed calls interleaved (``measure.measure_interleaved``). A provider that runs out of memory at
+some token count gets an ``oom`` row and is not tried at larger ones. Rows go to the CSV after
+the check and after every token count, so an interrupted sweep keeps what it measured.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -25,15 +29,18 @@ import torch
 import wmss
 
 from . import csvio
-from .check import check
-from .measure import Measurement, free_memory, measure
-from .providers import PROVIDERS, Problem, Provider, make_inputs
+from .check import CheckResult, check, reference
+from .inputs import make_inputs
+from .measure import Measurement, free_memory, measure, measure_interleaved
+from .providers import PROVIDERS, Problem, Provider
 from .shapes import (
     ALL_SHAPES,
     CHECK_TOKENS,
+    DEFAULT_INPUTS,
     DTYPES,
     GPU_SHAPES,
     GPU_TOKENS,
+    INPUT_MODES,
     KERNEL_MODES,
     LAM,
     NOT_BY_DEFAULT,
@@ -65,6 +72,7 @@ class Options:
     out: Path
     quick: bool
     plot: bool = True
+    inputs: tuple[str, ...] = DEFAULT_INPUTS  # input modes (inputs.py), each a separate sweep
 
     def token_sweep(self, dtype_name: str) -> tuple[int, ...]:
         if self.tokens:
@@ -81,6 +89,18 @@ def _names(values, choices, what: str, default) -> tuple:
         if name not in choices:
             raise UsageError(f"unknown {what} {name!r}; choose from {', '.join(choices)}")
     return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of this harness that ``wmss bench``'s parser (``wmss/commands/bench.py``) may not
+    declare yet: ``--inputs``. ``python -m benchmarks`` adds them to that parser."""
+    try:
+        parser.add_argument("--inputs", nargs="+", metavar="MODE",
+                            help=f"{', '.join(INPUT_MODES)}: Gaussian logits, or peaked, "
+                                 f"heavy-tailed ones like a trained LM's; each named mode is a "
+                                 f"separate sweep (default: {', '.join(DEFAULT_INPUTS)})")
+    except argparse.ArgumentError:
+        pass  # wmss bench declares it already
 
 
 def resolve_options(args) -> Options:
@@ -108,6 +128,9 @@ def resolve_options(args) -> Options:
         out=Path(args.out) if args.out else DEFAULT_OUT,
         quick=bool(args.quick),
         plot=not args.no_plot,
+        # getattr: `wmss bench` gains --inputs in wmss/commands/bench.py; `python -m benchmarks`
+        # (benchmarks/__main__.py) adds it to the same parser itself.
+        inputs=_names(getattr(args, "inputs", None), INPUT_MODES, "inputs", DEFAULT_INPUTS),
     )
 
 
@@ -149,11 +172,15 @@ class Recorder:
                     version=self.version)
 
     @staticmethod
-    def config(problem: Problem, provider: Provider, status: str, detail: str = "") -> str:
+    def config(problem: Problem, provider: Provider, status: str, detail: str = "",
+               check: Optional[CheckResult] = None) -> str:
+        """The ``config`` JSON: the point, the versions, the status and, for a checked provider,
+        its ``check`` (both errors of every output and the rule, ``CheckResult.config``)."""
         shape = problem.shape
         cfg = {"shape": shape.name, "dtype": str(problem.dtype).removeprefix("torch."),
-               "lam": problem.lam, "softcap": shape.softcap, "d_s": shape.d_strong,
-               "d_w": shape.d_weak, "V": shape.vocab, "torch": torch.__version__}
+               "inputs": problem.inputs, "lam": problem.lam, "softcap": shape.softcap,
+               "d_s": shape.d_strong, "d_w": shape.d_weak, "V": shape.vocab,
+               "torch": torch.__version__}
         if provider.package is not None:
             cfg[provider.package] = provider.package_version()
         if problem.device.type == "cpu":
@@ -161,11 +188,13 @@ class Recorder:
         cfg["status"] = status
         if detail:
             cfg["detail"] = detail
+        if check is not None:
+            cfg["check"] = check.config()
         return json.dumps(cfg, separators=(",", ":"))
 
-    def measured(self, problem: Problem, provider: Provider, mode: str,
-                 m: Measurement) -> list[dict]:
-        config = self.config(problem, provider, "ok")
+    def measured(self, problem: Problem, provider: Provider, mode: str, m: Measurement,
+                 check: Optional[CheckResult] = None) -> list[dict]:
+        config = self.config(problem, provider, "ok", check=check)
         rows = [self._row(problem.kernel, provider, mode, "speed", problem.tokens, m.ms, config)]
         if m.mb is not None:
             rows.append(self._row(problem.kernel, provider, mode, "memory", problem.tokens,
@@ -173,9 +202,9 @@ class Recorder:
         return rows
 
     def status(self, problem: Problem, provider: Provider, modes, status: str, detail: str,
-               x: Optional[int]) -> list[dict]:
+               x: Optional[int], check: Optional[CheckResult] = None) -> list[dict]:
         """Rows without figures saying why (``x`` None: the whole token sweep)."""
-        config = self.config(problem, provider, status, detail)
+        config = self.config(problem, provider, status, detail, check)
         return [self._row(problem.kernel, provider, mode, "speed", x, None, config)
                 for mode in modes]
 
@@ -189,87 +218,209 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:300]
 
 
-def run_group(provider: Provider, kernel: str, shape: HeadShape, dtype: torch.dtype,
+def _failure(error: BaseException) -> str:
+    return "oom" if _is_oom(error) else "error"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _Group:
+    """The providers of one (kernel, shape, dtype, inputs) with what the sweep needs to record:
+    rows go to ``sink`` as soon as a stage has them, and are kept for the caller."""
+
+    def __init__(self, base: Problem, modes: tuple[str, ...], recorder: Recorder,
+                 log: Callable[[str], None], sink: Optional[Callable[[list[dict]], object]]):
+        self.base, self.modes, self.recorder, self.log, self.sink = base, modes, recorder, log, sink
+        self.rows: list[dict] = []
+        self.checks: dict[str, Optional[CheckResult]] = {}  # provider -> its passed check
+
+    def name(self, provider: Provider) -> str:
+        b = self.base
+        return f"{b.kernel} {b.shape.name} {_dtype_name(b.dtype)} {b.inputs} {provider.name}"
+
+    def emit(self, rows: list[dict]) -> None:
+        self.rows += rows
+        if self.sink is not None and rows:
+            self.sink(rows)
+
+    def status(self, provider: Provider, status: str, detail: str, modes=None, x=None,
+               problem: Optional[Problem] = None, check: Optional[CheckResult] = None) -> list:
+        return self.recorder.status(problem or self.base, provider, modes or self.modes, status,
+                                    detail, x, check)
+
+
+def run_group(providers: list[Provider], kernel: str, shape: HeadShape, dtype: torch.dtype,
               tokens: tuple[int, ...], modes: tuple[str, ...], device: torch.device,
-              recorder: Recorder, log: Callable[[str], None]) -> list[dict]:
-    """Check, then measure, one provider on one (kernel, shape, dtype) over the token sweep."""
+              recorder: Recorder, log: Callable[[str], None], inputs: str = DEFAULT_INPUTS[0],
+              sink: Optional[Callable[[list[dict]], object]] = None) -> list[dict]:
+    """Check, then measure, ``providers`` on one (kernel, shape, dtype, inputs) over the token
+    sweep; returns every row (each also given to ``sink`` as soon as it exists)."""
     start = time.perf_counter()
-    rows = _run_group(provider, kernel, shape, dtype, tokens, modes, device, recorder, log)
-    if rows and csvio.config_of(rows[0]).get("status") != "unsupported":
-        log(f"{kernel} {shape.name} {str(dtype).removeprefix('torch.')} {provider.name}: "
+    base = Problem(kernel, shape, dtype, CHECK_TOKENS[device.type], device, LAM, inputs)
+    group = _Group(base, modes, recorder, log, sink)
+    runnable = _supported(providers, group)
+    passed = _judged(runnable, group)
+    if passed:
+        _measure_sweep(passed, group, tokens, device)
+        log(f"{kernel} {shape.name} {_dtype_name(dtype)} {inputs}: "
             f"{time.perf_counter() - start:.1f} s")
-    return rows
+    return group.rows
 
 
-def _run_group(provider, kernel, shape, dtype, tokens, modes, device, recorder, log):
-    """``run_group`` without the timing line."""
-    base = Problem(kernel, shape, dtype, CHECK_TOKENS[device.type], device, LAM)
-    name = f"{kernel} {shape.name} {str(dtype).removeprefix('torch.')} {provider.name}"
-    reason = provider.unsupported(base)
-    if reason:
-        log(f"{name}: not run ({reason})")
-        return recorder.status(base, provider, modes, "unsupported", reason, None)
+def _supported(providers: list[Provider], group: _Group) -> list[Provider]:
+    """The providers that can run here; the others get ``unsupported`` rows with the reason."""
+    runnable, rows = [], []
+    for provider in providers:
+        reason = provider.unsupported(group.base)
+        if reason:
+            group.log(f"{group.name(provider)}: not run ({reason})")
+            rows += group.status(provider, "unsupported", reason)
+        else:
+            runnable.append(provider)
+    group.emit(rows)
+    return runnable
 
-    if not provider.checked:
-        log(f"{name}: computes no loss, nothing to check")
-    else:
+
+def _judged(providers: list[Provider], group: _Group) -> list[Provider]:
+    """The providers that pass the check or compute nothing to check, in the order given; the
+    others get ``mismatch`` (or ``error``, ``oom``) rows."""
+    passed = [p for p in providers if not p.checked]
+    for provider in passed:
+        group.log(f"{group.name(provider)}: computes no loss, nothing to check")
+        group.checks[provider.name] = None
+    checked = [p for p in providers if p.checked]
+    if checked:
+        passed += _check_all(checked, group)
+    return [p for p in providers if p in passed]
+
+
+def _check_all(providers: list[Provider], group: _Group) -> list[Provider]:
+    """Judge every provider on one set of inputs against one float64 reference (computed once);
+    returns those that pass, their results kept in ``group.checks``."""
+    base, rows, passed = group.base, [], []
+    inputs = None
+    try:
+        inputs = make_inputs(base, SEED)
+        ref = reference(base, inputs)
+    except Exception as error:  # no reference: no provider can be judged
+        detail = f"check reference at {base.tokens} tokens: {_describe(error)}"
+        group.log(f"{base.kernel} {base.shape.name}: {detail}; nothing checked is timed")
+        group.emit([row for p in providers for row in group.status(p, _failure(error), detail)])
         inputs = None
+        free_memory(base.device)
+        return []
+    for provider in providers:
+        name = group.name(provider)
         try:
-            inputs = make_inputs(base, SEED)
-            result = check(provider, base, inputs)
+            result = check(provider, base, inputs, ref)
         except Exception as error:  # a provider that cannot even run is reported, not fatal
-            status = "oom" if _is_oom(error) else "error"
             detail = f"check at {base.tokens} tokens: {_describe(error)}"
-            log(f"{name}: {detail}; not timed")
-            return recorder.status(base, provider, modes, status, detail, None)
-        finally:
-            del inputs
-            free_memory(device)
-        log(f"{name}: check at {base.tokens} tokens {result.summary()}")
-        if not result.ok:
-            return recorder.status(base, provider, modes, "mismatch",
-                                   f"check at {base.tokens} tokens: {result.summary()}", None)
+            group.log(f"{name}: {detail}; not timed")
+            rows += group.status(provider, _failure(error), detail)
+            continue
+        group.log(f"{name}: check at {base.tokens} tokens {result.summary()}")
+        if result.ok:
+            group.checks[provider.name] = result
+            passed.append(provider)
+        else:
+            rows += group.status(provider, "mismatch",
+                                 f"check at {base.tokens} tokens: {result.summary()}",
+                                 check=result)
+    inputs = ref = None  # free the check's inputs before the sweep makes its own
+    free_memory(base.device)
+    group.emit(rows)
+    return passed
 
-    rows: list[dict] = []
-    out_of_memory: dict[str, int] = {}  # mode -> token count that ran out of memory
+
+def _measure_sweep(providers: list[Provider], group: _Group, tokens: tuple[int, ...],
+                   device: torch.device) -> None:
+    """Every token count and mode, all ``providers`` on the same inputs at each point."""
+    out_of_memory: dict[str, set] = {p.name: set() for p in providers}  # provider -> modes
     for n in tokens:
-        problem = replace(base, tokens=n)
-        inputs = None
+        problem = replace(group.base, tokens=n)
+        rows, inputs = [], None
         try:
             inputs = make_inputs(problem, SEED)
-            for mode in modes:
-                if mode in out_of_memory:
-                    continue
-                step = None
-                try:
-                    step = provider.make_step(problem, inputs, mode)
-                    m = measure(step, device, provider.measures_memory)
-                except Exception as error:
-                    status = "oom" if _is_oom(error) else "error"
-                    if status == "oom":
-                        out_of_memory[mode] = n
-                    log(f"{name} {mode:<8} N={n:>6}: {status} ({_describe(error)})")
-                    rows += recorder.status(problem, provider, (mode,), status, _describe(error), n)
-                    continue
-                finally:
-                    del step
-                    free_memory(device)
-                memory = "" if m.mb is None else f"  {m.mb:10.1f} MB"
-                log(f"{name} {mode:<8} N={n:>6}: {m.ms[0]:10.3f} ms "
-                    f"[p20 {m.ms[1]:.3f}, p80 {m.ms[2]:.3f}]{memory}")
-                rows += recorder.measured(problem, provider, mode, m)
+            for mode in group.modes:
+                active = [p for p in providers if mode not in out_of_memory[p.name]]
+                results = _measure_point(active, problem, inputs, mode, device)
+                for provider in active:
+                    rows += _point_rows(provider, problem, mode, results[provider.name], group,
+                                        out_of_memory)
         except Exception as error:  # making the inputs themselves failed
-            status = "oom" if _is_oom(error) else "error"
-            log(f"{name} N={n}: inputs failed ({_describe(error)})")
-            rows += recorder.status(problem, provider, modes, status, _describe(error), n)
-            break
+            group.log(f"{group.name(providers[0])} N={n}: inputs failed ({_describe(error)})")
+            for provider in providers:
+                rows += group.status(provider, _failure(error), _describe(error), x=n,
+                                     problem=problem)
+            group.emit(rows)
+            return
         finally:
             del inputs
             free_memory(device)
-        if len(out_of_memory) == len(modes):
-            log(f"{name}: out of memory in every mode; larger token counts skipped")
-            break
-    return rows
+        group.emit(rows)
+        exhausted = [p for p in providers if len(out_of_memory[p.name]) == len(group.modes)]
+        for provider in exhausted:
+            group.log(f"{group.name(provider)}: out of memory in every mode; larger token "
+                      f"counts skipped")
+        providers = [p for p in providers if p not in exhausted]
+        if not providers:
+            return
+
+
+def _point_rows(provider: Provider, problem: Problem, mode: str, result, group: _Group,
+                out_of_memory: dict) -> list[dict]:
+    """The rows of one provider at one point: its figures, or why there are none."""
+    name, n = group.name(provider), problem.tokens
+    if isinstance(result, Exception):
+        status = _failure(result)
+        if status == "oom":
+            out_of_memory[provider.name].add(mode)
+        group.log(f"{name} {mode:<8} N={n:>6}: {status} ({_describe(result)})")
+        return group.status(provider, status, _describe(result), modes=(mode,), x=n,
+                            problem=problem)
+    memory = "" if result.mb is None else f"  {result.mb:10.1f} MB"
+    group.log(f"{name} {mode:<8} N={n:>6}: {result.ms[0]:10.3f} ms "
+              f"[p20 {result.ms[1]:.3f}, p80 {result.ms[2]:.3f}]{memory}")
+    return group.recorder.measured(problem, provider, mode, result,
+                                   group.checks.get(provider.name))
+
+
+def _measure_point(providers: list[Provider], problem: Problem, inputs: dict, mode: str,
+                   device: torch.device) -> dict:
+    """provider name -> ``Measurement`` (or the exception it raised) at one point and mode.
+
+    GPU: one provider at a time, each step built just before it is measured (a step may hold
+    ``[N, V]`` buffers: ``gemm_floor``'s would crowd the others). CPU: all steps built, then
+    measured together with their timed calls interleaved.
+    """
+    results: dict = {}
+    if device.type == "cuda":
+        for provider in providers:
+            step = None
+            try:
+                step = provider.make_step(problem, inputs, mode)
+                results[provider.name] = measure(step, device, provider.measures_memory)
+            except Exception as error:
+                results[provider.name] = error
+            finally:
+                del step
+                free_memory(device)
+        return results
+    steps = {}
+    for provider in providers:
+        try:
+            steps[provider.name] = provider.make_step(problem, inputs, mode)
+        except Exception as error:
+            results[provider.name] = error
+    with_memory = {p.name: p.measures_memory for p in providers}
+    try:
+        results.update(measure_interleaved(steps, with_memory, device))
+    finally:
+        del steps
+        free_memory(device)
+    return results
 
 
 def sweep(options: Options, recorder: Recorder, sink: Callable[[list[dict]], object],
@@ -281,24 +432,21 @@ def sweep(options: Options, recorder: Recorder, sink: Callable[[list[dict]], obj
     for kernel in options.kernels:
         modes = tuple(m for m in KERNEL_MODES[kernel]
                       if options.modes is None or m in options.modes)
-        if not modes:
+        chosen = [providers[name] for name in options.providers
+                  if providers[name].implements(kernel)]
+        if not modes or not chosen:
             continue
         for shape_name in options.shapes:
             for dtype_name in options.dtypes:
-                for provider_name in options.providers:
-                    provider = providers[provider_name]
-                    if not provider.implements(kernel):
-                        continue
-                    rows = run_group(provider, kernel, ALL_SHAPES[shape_name], DTYPES[dtype_name],
-                                     options.token_sweep(dtype_name), modes, options.device,
-                                     recorder, log)
-                    sink(rows)
-                    all_rows += rows
+                for inputs in options.inputs:
+                    all_rows += run_group(chosen, kernel, ALL_SHAPES[shape_name],
+                                          DTYPES[dtype_name], options.token_sweep(dtype_name),
+                                          modes, options.device, recorder, log, inputs, sink)
     return all_rows
 
 
 def failed_wmss(rows: list[dict]) -> list[str]:
-    """wmss's own providers that disagreed with the truth or crashed (a bug in wmss)."""
+    """wmss's own providers that failed the correctness rule or crashed (a bug in wmss)."""
     bad = set()
     for row in rows:
         status = csvio.config_of(row).get("status")
@@ -318,8 +466,8 @@ def main(args) -> int:
         return 2
     recorder = Recorder(options.device)
     csv_path = options.out / f"{recorder.device}.csv"
-    print(f"wmss bench on {recorder.device} (wmss {recorder.version}, torch {torch.__version__}); "
-          f"results appended to {csv_path}")
+    print(f"wmss bench on {recorder.device} (wmss {recorder.version}, torch {torch.__version__}, "
+          f"inputs {', '.join(options.inputs)}); results appended to {csv_path}")
     if options.device.type == "cpu":
         print("CPU figures: tiny shapes, perf_counter timings, resident-set memory; they check the "
               "harness and compare formulas on a CPU, not GPU performance.")
@@ -340,6 +488,7 @@ def main(args) -> int:
     print(report.summary_markdown(csvio.read_rows(csv_path)))
     bad = failed_wmss(rows)
     if bad:
-        print(f"wmss bench: {', '.join(bad)} disagreed with the truth or failed", file=sys.stderr)
+        print(f"wmss bench: {', '.join(bad)} failed the correctness check or crashed",
+              file=sys.stderr)
         return 1
     return 0
