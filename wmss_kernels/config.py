@@ -38,32 +38,65 @@ class Tiles:
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
-# Forward statistics: one program walks a token tile across a slice of the vocabulary.
-STATS_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
-# Backward: one program recomputes one (token tile, vocabulary tile) and writes its logit gradient.
-GRAD_TILES = Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
-# Under TRITON_INTERPRET=1 every program runs serially in numpy: fewer, larger tiles run faster,
-# and the shapes in the tests are small, so the GPU tiles are kept (they are exercised as-is).
+# Tile tables, per architecture family and operand precision, chosen with the compile gate
+# (``python -m wmss_kernels.compile_check``, ptxas of triton 3.9): for every kernel the largest
+# tiles tried that build for every constexpr variant with no register spill and, for half
+# precision on Hopper, wgmma. What was tried and what it cost is in benchmarks/NOTES.md (v4).
+#   "stats": forward statistics (two logit tiles live at once);
+#   "grad": backward with two logit tiles (soft-capping, gap masking, both models trained apart);
+#   "mixed_grad": backward of the paper's loss with the mixture in one accumulator (half only).
+# Float32 dots run on FMA units (IEEE) or TF32 tensor cores, with operands in registers: smaller
+# tiles. Under TRITON_INTERPRET=1 (arch None) the Hopper tiles are used, so the CPU tests run the
+# very shapes a GPU builds.
+HOPPER, AMPERE = 90, 80
+_TILES = {
+    HOPPER: {
+        ("stats", "half"): Tiles(64, 128, 32, num_warps=8, num_stages=3),
+        ("grad", "half"): Tiles(64, 128, 32, num_warps=8, num_stages=3),
+        ("mixed_grad", "half"): Tiles(128, 128, 64, num_warps=8, num_stages=3),
+        ("stats", "fp32"): Tiles(64, 64, 16, num_warps=8, num_stages=3),
+        ("grad", "fp32"): Tiles(32, 64, 32, num_warps=4, num_stages=3),
+    },
+    AMPERE: {
+        ("stats", "half"): Tiles(64, 128, 32, num_warps=8, num_stages=3),
+        ("grad", "half"): Tiles(64, 128, 32, num_warps=8, num_stages=3),
+        ("mixed_grad", "half"): Tiles(64, 128, 32, num_warps=8, num_stages=3),
+        ("stats", "fp32"): Tiles(64, 64, 32, num_warps=8, num_stages=3),
+        ("grad", "fp32"): Tiles(64, 64, 16, num_warps=8, num_stages=3),
+    },
+}
+
+
+def _table(arch: Optional[int]) -> dict:
+    """The tile table of ``arch``'s family: Hopper's for sm_90 and later and for the
+    interpreter (None), Ampere's below."""
+    return _TILES[HOPPER if arch is None or arch >= HOPPER else AMPERE]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
 
 
 # Operand dtypes for which the backward of the paper's loss builds the mixed logits in a single
 # accumulator (``logit_tiles.mixed_logits_tile``), which allows tiles twice as large. Its rounding
 # differs from the forward's ``lam z_s + (1 - lam) z_w`` by ~1e-7 |z|: far below bf16/fp16 logit
 # gradients' own rounding, but at |z| ~ 1e4 it would cost float32 its 1e-5 accuracy, so float32
-# keeps the two-accumulator kernel, whose mixture is bitwise the forward's.
+# keeps the two-accumulator kernel, which forms the mixture exactly as the forward does.
 SINGLE_ACCUMULATOR_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def stats_tiles(dtype: torch.dtype, arch: Optional[int]) -> Tiles:
     """Tiles of the forward statistics kernel for operands of ``dtype`` on ``arch``
     (``device_arch``; None: the interpreter)."""
-    return STATS_TILES
+    return _table(arch)[("stats", _precision(dtype))]
 
 
 def grad_tiles(dtype: torch.dtype, arch: Optional[int], single_accumulator: bool) -> Tiles:
     """Tiles of the backward logit-gradient kernels; ``single_accumulator``: the mixed logits in
-    one accumulator (``_mixed_grad_kernel``: no soft-capping, no gap masking)."""
-    return GRAD_TILES
+    one accumulator (``_mixed_grad_kernel``: no soft-capping, no gap masking, half precision)."""
+    precision = _precision(dtype)
+    kind = "mixed_grad" if single_accumulator and precision == "half" else "grad"
+    return _table(arch)[(kind, precision)]
 
 
 def loaded_tiles(arch: Optional[int]) -> Tiles:

@@ -35,7 +35,14 @@ import triton
 import triton.language as tl
 
 from . import config
-from .logit_tiles import fold_pair, grouped_tile, loaded_logits_tile, logits_tile, merge_stats
+from .logit_tiles import (
+    fold_model,
+    grouped_tile,
+    loaded_logits_tile,
+    logits_tile,
+    merge_stats,
+    online_update_lse,
+)
 from .products import write_product
 from .results import MixedTokenStats, SingleTokenStats
 
@@ -84,19 +91,21 @@ def _stats_partials_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         valid_v = (offs_v < v_end)[None, :]
         is_target = (offs_v[None, :] == y[:, None]) & valid_v
+        # One tile at a time where possible (registers): the strong tile is folded, and only
+        # its share of the mixture kept, before the weak tile is computed.
         z_s = logits_tile(hs_ptr, ws_ptr, bs_ptr, offs_n, offs_v, num_tokens, vocab, dim_s,
                           stride_hs, stride_ws, softcap, HAS_BIAS_S, HAS_SOFTCAP, UPCAST_DOT,
                           DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         z_s = tl.where(valid_v, z_s, _MASKED)
-        z_w = z_s
+        m_s, s_s, t_s, zy_s = fold_model(m_s, s_s, t_s, zy_s, z_s, is_target)
         if TWO_MODELS:
+            strong_part = lam * z_s
             z_w = logits_tile(hw_ptr, ww_ptr, bw_ptr, offs_n, offs_v, num_tokens, vocab, dim_w,
                               stride_hw, stride_ww, softcap, HAS_BIAS_W, HAS_SOFTCAP, UPCAST_DOT,
                               DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
             z_w = tl.where(valid_v, z_w, _MASKED)
-        m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m = fold_pair(
-            m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, z_s, z_w, is_target, lam,
-            TWO_MODELS)
+            m_w, s_w, t_w, zy_w = fold_model(m_w, s_w, t_w, zy_w, z_w, is_target)
+            m_m, s_m = online_update_lse(m_m, s_m, strong_part + (1.0 - lam) * z_w)
 
     _store_partials(part_ptr + split * num_tokens + offs_n, num_splits * num_tokens, mask_n,
                     m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, TWO_MODELS)
@@ -151,14 +160,13 @@ def _block_stats_kernel(
         z_s = loaded_logits_tile(zs_ptr, bs_ptr, offs_n, offs_v, num_tokens, width, stride_z,
                                  softcap, HAS_BIAS_S, HAS_SOFTCAP)
         z_s = tl.where(valid_v, z_s, _MASKED)
-        z_w = z_s
+        m_s, s_s, t_s, zy_s = fold_model(m_s, s_s, t_s, zy_s, z_s, is_target)
         if TWO_MODELS:
             z_w = loaded_logits_tile(zw_ptr, bw_ptr, offs_n, offs_v, num_tokens, width,
                                      stride_z, softcap, HAS_BIAS_W, HAS_SOFTCAP)
             z_w = tl.where(valid_v, z_w, _MASKED)
-        m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m = fold_pair(
-            m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, z_s, z_w, is_target, lam,
-            TWO_MODELS)
+            m_w, s_w, t_w, zy_w = fold_model(m_w, s_w, t_w, zy_w, z_w, is_target)
+            m_m, s_m = online_update_lse(m_m, s_m, lam * z_s + (1.0 - lam) * z_w)
 
     out = part_ptr + offs_n
     if MERGE:  # each program owns its token rows: this read-modify-write has no race

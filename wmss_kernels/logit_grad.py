@@ -9,16 +9,27 @@ With ``g = softmax(z_m) - onehot(y)`` and each token's upstream gradient ``c`` s
 and, through the soft-cap ``z = c tanh(a / c)``, ``dL/da = dL/dz * sech^2(a / c)`` (taken from
 ``a``, not as ``1 - (z / c)^2``, which cancels where the cap saturates).
 
-The ``[N, V]`` logit gradient is cut into vocabulary blocks (and, only when the tokens are too
-many for a useful block, into token chunks as well). For each piece ``_logit_grad_kernel`` (grid:
-token tiles x vocabulary tiles) recomputes both models' logit tiles on the tensor cores, forms
-``dL/da`` from the forward's log-sum-exps and writes it to a buffer in the compute dtype (one
-buffer for both models when neither soft-capping nor gap masking is on: the two gradients are
-then ``lam g`` and ``(1 - lam) g``). cuBLAS then gives, per block,
+The upstream gradients are factored as ``c = scale * c'`` with ``scale = max |c|`` (a device
+scalar, see ``_factor_coefficients``): the kernels write ``c' g``, which keeps the size of ``g``
+whatever the reduction (a mean over 2^16 tokens folded into an fp16 ``g`` would flush most of it
+to zero), and ``scale`` multiplies the float32 results of the products.
 
-    dW[block] = dA^T @ h        one product over every token, written once in W's dtype
+The ``[N, V]`` logit gradient is cut into vocabulary blocks (and, only when the tokens are too
+many for a useful block, into token chunks as well). For each piece ``_logit_grad_kernel`` (a 1-D
+grid over token x vocabulary tiles, in the L2-friendly order of ``logit_tiles.grouped_tile``)
+recomputes both models' logit tiles on the tensor cores, forms ``dL/da`` from the forward's
+log-sum-exps and writes it to a buffer in the compute dtype. Without soft-capping and gap
+masking the two gradients are ``lam g`` and ``(1 - lam) g``: one buffer holds ``g`` for both
+models (or for the one trained model), the products apply the scales, and in half precision
+``_mixed_grad_kernel`` builds the mixed logits in a single accumulator (twice the tile). cuBLAS
+then gives, per block,
+
+    dW[block] = dA^T @ h        one product over every token, rounded once to W's dtype
     dh       += dA @ W[block]   accumulated in float32 across the vocabulary blocks
     db[block] = sum(dA)
+
+(half-precision ``dW`` blocks go through a float32 ``[block, d]`` scratch that is scaled while
+it is rounded: one rounding, counted in the budget below).
 
 With the ``"cublas"`` logit source (``config.LOGIT_SOURCE``), cuBLAS writes both models' float32
 logits of the piece and ``_loaded_grad_kernel`` overwrites them with the gradients in place.

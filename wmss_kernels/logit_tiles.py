@@ -7,8 +7,8 @@
 * ``loaded_logits_tile``: the same tile read from a logit block that cuBLAS wrote to memory
   (the ``"cublas"`` logit source, see ``config.LOGIT_SOURCE``).
 * ``online_update``: folds one logit tile into running per-token statistics that give, at the end
-  of the vocabulary, the log-sum-exp and the entropy of the softmax; ``fold_pair`` does it for
-  both models and their mixture.
+  of the vocabulary, the log-sum-exp and the entropy of the softmax; ``fold_model`` adds the
+  target logit; ``online_update_lse`` is the mixture's (no entropy).
 
 Online statistics, per token and relative to the running maximum ``m``::
 
@@ -222,15 +222,8 @@ def merge_stats(m, s, t, m_part, s_part, t_part):
 
 
 @triton.jit
-def fold_pair(m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m, z_s, z_w, is_target, lam,
-              TWO_MODELS: tl.constexpr):
-    """Fold one tile of each model (masked columns at ``MASKED_LOGIT``) into the running
-    statistics of the strong model, the weak model and their mixture (the mixture's without the
-    entropy sum); ``is_target`` marks each row's label column."""
-    m_s, s_s, t_s = online_update(m_s, s_s, t_s, z_s)
-    zy_s += tl.sum(tl.where(is_target, z_s, 0.0), axis=1)
-    if TWO_MODELS:
-        m_w, s_w, t_w = online_update(m_w, s_w, t_w, z_w)
-        zy_w += tl.sum(tl.where(is_target, z_w, 0.0), axis=1)
-        m_m, s_m = online_update_lse(m_m, s_m, lam * z_s + (1.0 - lam) * z_w)
-    return m_s, s_s, t_s, zy_s, m_w, s_w, t_w, zy_w, m_m, s_m
+def fold_model(m, s, t, zy, z, is_target):
+    """Fold one model's tile ``z`` (masked columns at ``MASKED_LOGIT``) into its running
+    ``(m, s, t)`` and target logit; ``is_target`` marks each row's label column."""
+    m, s, t = online_update(m, s, t, z)
+    return m, s, t, zy + tl.sum(tl.where(is_target, z, 0.0), axis=1)

@@ -39,6 +39,9 @@ def add_arguments(parser) -> None:
                              "float32; 256 512 with --quick)")
     parser.add_argument("--modes", nargs="+", metavar="NAME",
                         help="forward, backward, full (default: all; token_entropy has forward)")
+    parser.add_argument("--inputs", nargs="+", metavar="MODE",
+                        help="gaussian, realistic (peaked, heavy-tailed next-token distributions "
+                             "like a trained LM's); default: gaussian; naming both runs both")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", type=Path, metavar="DIR",
