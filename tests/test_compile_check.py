@@ -123,6 +123,22 @@ def test_oversized_tiles_are_not_ok_on_sm_90():
     assert any("shared memory" in problem for problem in row.problems)
 
 
+def test_the_tiles_the_kernel_tests_force_fit_a_gpus_shared_memory():
+    """Custom tiles are test-only (no wgmma needed, a few spilled registers cost only speed), but
+    they must launch on a GPU: within sm_90's and sm_80's shared memory, in both precisions."""
+    from test_kernels import DECOMPOSITIONS, GROUPING_TILES
+
+    tiles = [t for t, _, _ in DECOMPOSITIONS if t is not None] + [GROUPING_TILES]
+    variants = [Variant(dtype, bias=True, softcap=True, gap=True) for dtype in ("fp32", "bf16")]
+    variants.append(Variant("bf16"))  # the single-accumulator backward
+    rows = compile_check.check_tiles(tiles, ["sm_90", "sm_80"], variants=variants)
+    assert {row.kernel for row in rows} >= {"_stats_partials_kernel", "_logit_grad_kernel",
+                                             "_mixed_grad_kernel"}
+    for row in rows:
+        arch = int(row.arch.removeprefix("sm_"))
+        assert row.shared_bytes <= SHARED_LIMITS[arch], row
+
+
 def test_default_bf16_stats_kernel_uses_wgmma_on_sm_90_only():
     """The paper's loss in bf16 (two models, no bias, no soft-cap): its forward statistics
     kernel with the tiles config chooses."""

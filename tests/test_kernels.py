@@ -63,10 +63,9 @@ def check(spec, stats, grads, inputs, labels, upstream, tol):
 needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TRITON_INTERPRET=1")
 
 
-@needs_triton
-@pytest.mark.parametrize("logit_source", ["triton", "cublas"])
-@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
-@pytest.mark.parametrize("tiles, num_splits, blocks", [
+# Tiles, vocabulary splits and (token chunk, vocabulary block) pieces the decomposition test
+# forces. Every tile here must be legal on a GPU too (tests/test_compile_check.py builds them).
+DECOMPOSITIONS = [
     # Many tiny tiles, uneven splits; many token chunks (dW accumulates in float32).
     (Tiles(16, 16, 16, num_warps=4), 7, (16, 16)),
     # Token chunks and vocabulary blocks that are not multiples of the tile.
@@ -77,7 +76,15 @@ needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs CUDA or TR
     (None, None, None),
     # One split; one piece holding the whole [N, V] gradient.
     (Tiles(16, 256, 32, num_warps=4), 1, (10**6, 10**6)),
-])
+]
+# The tiles of the grouping test below.
+GROUPING_TILES = Tiles(16, 32, 16, num_warps=4)
+
+
+@needs_triton
+@pytest.mark.parametrize("logit_source", ["triton", "cublas"])
+@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
+@pytest.mark.parametrize("tiles, num_splits, blocks", DECOMPOSITIONS)
 def test_triton_launchers_under_every_decomposition(tiles, num_splits, blocks, spec,
                                                     logit_source, monkeypatch):
     from wmss_kernels import config, mixed_ce_backward, mixed_token_stats
@@ -147,7 +154,7 @@ def test_l2_groups_of_any_size_cover_every_tile_once(tiles_per_group, spec, dtyp
     from wmss_kernels import config, mixed_ce_backward, mixed_token_stats
     from wmss_kernels.logit_grad import GradBlocks
 
-    tiles = Tiles(16, 32, 16, num_warps=4)
+    tiles = GROUPING_TILES
     row_bytes = (72 + 40) * torch.empty((), dtype=dtype).element_size()
     monkeypatch.setattr(config, "L2_GROUP_BYTES", tiles_per_group * tiles.block_n * row_bytes)
     assert config.token_tiles_per_group(tiles.block_n, row_bytes) == tiles_per_group
