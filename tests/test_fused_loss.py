@@ -324,10 +324,11 @@ def test_soft_capping_keeps_float32_precision_for_every_cap(backend):
         check_against_truth(inputs, labels, backend, torch.float32, lam=0.3, softcap=softcap)
 
 
-def test_a_cap_beyond_float32_is_refused():
+def test_a_cap_outside_float32s_range_is_refused():
     inputs, labels = make_inputs()
-    with pytest.raises(ValueError, match="softcap must be at most"):
-        wmss.fused_loss(**inputs, labels=labels, softcap=1e39)
+    for softcap in (1e39, 1e-50):
+        with pytest.raises(ValueError, match="softcap must be between"):
+            wmss.fused_loss(**inputs, labels=labels, softcap=softcap)
 
 
 def rounding_error(exact: torch.Tensor, dtype: torch.dtype) -> float:

@@ -169,22 +169,26 @@ def test_l2_groups_of_any_size_cover_every_tile_once(tiles_per_group, spec, dtyp
                               num_splits=3)
     upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for weak_request in (ALL, GradRequest(False, False, False)):
+    expected = truth(inputs, labels, lam=spec.lam, softcap=spec.softcap,
+                     gap_threshold=spec.gap_threshold, upstream=upstream)
+    none = GradRequest(False, False, False)
+    # Both trained; the weak model frozen; the strong one frozen (only the weak trained).
+    for strong_request, weak_request in ((ALL, ALL), (ALL, none), (none, ALL)):
         grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
                                   stats.max_mix, stats.logsum_mix, coef_mix,
                                   None if spec.gap_threshold is None else coef_strong,
-                                  lam=spec.lam, softcap=spec.softcap, strong_request=ALL,
-                                  weak_request=weak_request, tiles=tiles,
-                                  blocks=GradBlocks(10**6, 96))
-        if weak_request.any:
+                                  lam=spec.lam, softcap=spec.softcap,
+                                  strong_request=strong_request, weak_request=weak_request,
+                                  tiles=tiles, blocks=GradBlocks(10**6, 96))
+        if strong_request.any and weak_request.any:
             check(spec, stats, grads, inputs, labels, upstream, tol)
-        else:
-            assert grads[1] == (None, None, None)
-            expected = truth(inputs, labels, lam=spec.lam, softcap=spec.softcap,
-                             gap_threshold=spec.gap_threshold, upstream=upstream)
-            for name, got in zip(["strong_hidden", "strong_weight", "strong_bias"], grads[0]):
-                want = expected.grads[name]
-                assert_close(got.reshape(want.shape), want, tol, f"frozen weak: {name}")
+            continue
+        trained, frozen = ("strong", "weak") if strong_request.any else ("weak", "strong")
+        assert grads[0 if frozen == "strong" else 1] == (None, None, None)
+        for field, got in zip(["hidden", "weight", "bias"],
+                              grads[0 if trained == "strong" else 1]):
+            want = expected.grads[f"{trained}_{field}"]
+            assert_close(got.reshape(want.shape), want, tol, f"{frozen} frozen: {trained}_{field}")
 
 
 @needs_triton
@@ -293,6 +297,12 @@ def test_the_weight_gradient_scratch_is_counted_in_the_gradient_budget():
     assert blocks.token_chunk == num_tokens and blocks.vocab_block < plain.vocab_block
     assert blocks.vocab_block * (num_tokens * 2 + column) <= budget
     assert blocks.vocab_block % tiles.block_v == 0
+    # All tokens fit beside the narrowest block, but not with the scratch: a narrower block,
+    # still within the budget and still one chunk (no float32 [V, d] accumulators).
+    narrow = plan_grad_blocks(4096, 32000, 2, 32 * 2**20, Tiles(128, 128, 64),
+                              bytes_per_column=4 * 8192)
+    assert narrow.token_chunk == 4096 and narrow.vocab_block < 1024
+    assert narrow.vocab_block * (4096 * 2 + 4 * 8192) <= 32 * 2**20
 
 
 @needs_triton

@@ -18,6 +18,7 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 # The label-range check costs one host-device synchronisation per call on CUDA; set this
 # environment variable to 1 to skip it (out-of-range labels then give undefined losses).
@@ -54,9 +55,9 @@ def check_softcap(softcap) -> Optional[float]:
     softcap = _real("softcap", softcap, allow_none=True)
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be a finite positive number or None, got {softcap}")
-    if softcap is not None and softcap > FLOAT32_MAX:
-        raise ValueError(f"softcap must be at most {FLOAT32_MAX:.4g} (float32's largest value: "
-                         f"the cap is applied in float32), got {softcap}")
+    if softcap is not None and not FLOAT32_TINY <= softcap <= FLOAT32_MAX:
+        raise ValueError(f"softcap must be between {FLOAT32_TINY:.4g} and {FLOAT32_MAX:.4g} "
+                         f"(float32's range: the cap is applied in float32), got {softcap}")
     return softcap
 
 

@@ -135,8 +135,10 @@ COMBINE_BLOCK_N = 128
 # Aim for this many programs per streaming multiprocessor when splitting the vocabulary of the
 # forward statistics across programs (more splits: more parallelism, more partials to combine).
 STATS_PROGRAMS_PER_SM = 2
-# Upper bound on vocabulary splits (partials are [num_stats, splits, tokens] float32).
+# Upper bound on vocabulary splits (partials are [num_stats, splits, tokens] float32), and on
+# the partials' bytes (many tokens need few splits to fill the GPU anyway).
 MAX_VOCAB_SPLITS = 64
+MAX_PARTIALS_BYTES = 256 * 2**20
 
 # The backward materialises the logit gradient of one (token chunk x vocabulary block) at a time,
 # in the compute dtype (one buffer shared by both models for the paper's loss, one per trained

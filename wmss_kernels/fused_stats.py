@@ -266,6 +266,10 @@ def _choose_splits(num_tokens: int, vocab: int, tiles: config.Tiles, device: tor
         target = config.STATS_PROGRAMS_PER_SM * config.multiprocessor_count(device)
         live_token_tiles = min(token_tiles, group_size)
         num_splits = min(triton.cdiv(target, live_token_tiles), config.MAX_VOCAB_SPLITS)
+        # Partials [NUM_PARTIALS, splits, N] float32: within their budget, and indexable in int32.
+        per_split = NUM_PARTIALS_TWO_MODELS * max(num_tokens, 1)
+        num_splits = min(num_splits, config.MAX_PARTIALS_BYTES // (4 * per_split),
+                         (2**31 - 1) // per_split)
     num_splits = max(1, min(num_splits, vocab_tiles))
     tiles_per_split = triton.cdiv(vocab_tiles, num_splits)
     return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split * tiles.block_v
@@ -319,9 +323,10 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
         return out, mixed.view(torch.bool)
     if tiles is None:
         tiles = config.stats_tiles(hs.dtype, config.device_arch(device))
-    group_size = config.token_tiles_per_group(
+    group_size = min(config.token_tiles_per_group(
         tiles.block_n, hs.shape[1] * hs.element_size() + (hw.shape[1] * hw.element_size()
-                                                          if two_models else 0))
+                                                          if two_models else 0)),
+        triton.cdiv(num_tokens, tiles.block_n))  # no larger than the grid (int32 program ids)
     if source == "cublas":
         splits = 1
     else:

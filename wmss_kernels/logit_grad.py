@@ -60,7 +60,7 @@ from .logit_tiles import (
     soft_cap_slope,
     to_storage,
 )
-from .products import accumulate_product, write_product
+from .products import accumulate_product, float32_output_is_free, write_product
 from .results import GradRequest, ModelGrads
 
 _MASKED = tl.constexpr(config.MASKED_LOGIT)
@@ -274,6 +274,11 @@ def plan_grad_blocks(num_tokens: int, vocab: int, bytes_per_entry: int, budget_b
     if vocab_block >= narrowest:
         return GradBlocks(num_tokens, min(vocab_block, vocab))
     chunk = budget_bytes // (narrowest * bytes_per_entry) // tiles.block_n * tiles.block_n
+    if chunk >= num_tokens:
+        # Every token fits in one chunk of the narrowest block, but not with the dW scratch:
+        # keep all tokens (cutting them would need float32 [V, d] accumulators, far larger) in a
+        # block narrowed to the budget.
+        return GradBlocks(num_tokens, max(vocab_block, tiles.block_v))
     return GradBlocks(min(max(chunk, tiles.block_n), num_tokens), narrowest)
 
 
@@ -325,7 +330,12 @@ class _ModelOutputs:
 
     @staticmethod
     def needs_scratch(request: GradRequest, weight, single_chunk: bool) -> bool:
-        return request.weight and single_chunk and weight.dtype != torch.float32
+        """Half-precision weights written in one piece take their dW blocks through the float32
+        scratch, except on CUDA without ``out_dtype=`` (PyTorch < 2.8), where a float32 product
+        would copy the hidden states to float32 for every block: there the block is written in
+        the weights' dtype and scaled in place (one more rounding)."""
+        return (request.weight and single_chunk and weight.dtype != torch.float32
+                and float32_output_is_free(weight.device))
 
     def start_chunk(self, tokens: slice) -> Optional[torch.Tensor]:
         """The float32 ``[rows, d]`` accumulator of ``dh[tokens]``, zeroed."""
@@ -407,8 +417,9 @@ class _BlockGrads:
         self.lam = float(lam)
         self.scalars = (self.lam, 1.0 if shared else self.lam, float(softcap or 1.0))
         # Token tiles per L2 group (grouped_tile): both models' hidden rows count.
-        self.group_size = config.token_tiles_per_group(
-            tiles.block_n, hs.shape[1] * hs.element_size() + hw.shape[1] * hw.element_size())
+        self.group_size = min(config.token_tiles_per_group(
+            tiles.block_n, hs.shape[1] * hs.element_size() + hw.shape[1] * hw.element_size()),
+            triton.cdiv(chunk, tiles.block_n))  # no larger than the grid (int32 program ids)
         self.flags = dict(STORE_S=store_s, STORE_W=store_w, HAS_GAP=has_gap,
                           HAS_BIAS_S=bs is not None, HAS_BIAS_W=bw is not None,
                           HAS_SOFTCAP=softcap is not None,

@@ -19,6 +19,13 @@ def _native_out_dtype(a: torch.Tensor, out: torch.Tensor) -> bool:
     return a.is_cuda and _HAS_OUT_DTYPE and out.dtype == torch.float32
 
 
+def float32_output_is_free(device: torch.device) -> bool:
+    """Whether a float32 product of low-precision operands costs no operand copies on
+    ``device``: on CUDA only with ``out_dtype=`` (PyTorch >= 2.8); elsewhere the operands are
+    upcast anyway (the interpreter's CPU tensors)."""
+    return device.type != "cuda" or _HAS_OUT_DTYPE
+
+
 def accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                        alpha: float = 1.0) -> None:
     """``acc += alpha * a @ b``; ``acc`` float32, ``a`` and ``b`` in one model's dtype.
