@@ -274,3 +274,36 @@ def test_rows_of_builds_with_equal_configs_are_told_apart():
     rows = [BuildRow("_k", "sm_90", "bf16", b.describe(), 0, 1, 0, True, True) for b in builds]
     configs = [row.config for row in compile_check._distinguish(rows, builds)]
     assert configs == ["BLOCK=64 warps=4 n:i32/16", "BLOCK=64 warps=4 n:i32"]
+
+
+def test_the_in_place_gradient_kernel_synchronises_its_warps_before_each_store():
+    """The "cublas" backward writes each tile's gradients over float32 logits that other warps
+    of the program may not have read yet (a race on a GPU; the interpreter runs every program as
+    one thread, so only the compiled kernel can show it): its loop holds a CTA-wide barrier
+    between the tile's loads and its stores."""
+    script = textwrap.dedent("""
+        import importlib
+
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from wmss_kernels import compile_check as cc
+
+        builds = cc.record(90, [cc.Variant("bf16", "cublas", softcap=True, gap=True)])
+        (build,) = [b for b in builds if b.kernel == "_loaded_grad_kernel"]
+        fn = getattr(importlib.import_module(build.module), build.kernel)
+        source = ASTSource(fn=fn, signature=dict(build.signature),
+                           constexprs=dict(build.constexprs),
+                           attrs={path: [list(a) for a in attrs] for path, attrs in build.attrs})
+        ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(build.options)).asm["ttir"]
+        loop = ttir[ttir.index("scf.for"):]
+        # tl.debug_barrier() is "gpu.barrier" in older Triton IR, "ttg.barrier" in newer.
+        barrier = max(loop.find("gpu.barrier"), loop.find("ttg.barrier"))
+        load, store = loop.find("tt.load"), loop.find("tt.store")
+        assert -1 < load < barrier < store, (load, barrier, store)
+        print("barrier between loads and stores")
+    """)
+    done = run_without_interpreter("-c", script)
+    assert done.returncode == 0, done.stdout + done.stderr
