@@ -325,7 +325,8 @@ def test_in_place_gradients_of_the_cublas_source_are_repeatable_to_the_bit():
                               stats.max_mix, stats.logsum_mix, coef_mix, coef_strong,
                               lam=spec.lam, softcap=spec.softcap, strong_request=ALL,
                               weak_request=ALL, blocks=GradBlocks(10**6, 96),
-                              logit_source="cublas") for _ in range(5 if DEVICE.type == "cuda" else 2)]
+                              logit_source="cublas")
+            for _ in range(5 if DEVICE.type == "cuda" else 2)]
     first = [g for model in runs[0] for g in model]
     for run in runs[1:]:
         for a, b in zip(first, [g for model in run for g in model]):

@@ -125,6 +125,18 @@ def _store_logit_grads(
 
 
 @triton.jit
+def _program_tile(num_tokens, vocab, group_size, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Rows and columns of this program's (token tile, vocabulary tile) on a 1-D grid in
+    ``grouped_tile`` order, with the row mask and the tile's mask of valid entries."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N),
+                                tl.cdiv(vocab, BLOCK_V), group_size)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < num_tokens
+    return offs_n, offs_v, mask_n, mask_n[:, None] & (offs_v < vocab)[None, :]
+
+
+@triton.jit
 def _logit_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, hw_ptr, ww_ptr, bw_ptr, labels_ptr, max_s_ptr, logsum_s_ptr,
     max_m_ptr, logsum_m_ptr, coef_mix_ptr, coef_strong_ptr, grad_s_ptr, grad_w_ptr,
@@ -139,12 +151,7 @@ def _logit_grad_kernel(
     ``vocab_start`` (1-D grid in ``grouped_tile`` order): both models' logit tiles recomputed
     with ``tl.dot``, then their gradients. The weight (and bias) pointers start at the block's
     first row."""
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N),
-                                tl.cdiv(vocab, BLOCK_V), group_size)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_n = offs_n < num_tokens
-    mask = mask_n[:, None] & (offs_v < vocab)[None, :]
+    offs_n, offs_v, mask_n, mask = _program_tile(num_tokens, vocab, group_size, BLOCK_N, BLOCK_V)
     y, coef_mix, max_m, logsum_m, coef_strong, max_s, logsum_s = _row_terms(
         labels_ptr, max_s_ptr, logsum_s_ptr, max_m_ptr, logsum_m_ptr, coef_mix_ptr,
         coef_strong_ptr, offs_n, mask_n, vocab_start, HAS_GAP)
@@ -174,12 +181,7 @@ def _mixed_grad_kernel(
     models' logit gradients are multiples of one ``g = c (softmax(z_m) - onehot(y))``: only the
     mixed logits are needed, built in a single accumulator (``mixed_logits_tile``), and ``g`` is
     written once to the buffer both models' products read."""
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(num_tokens, BLOCK_N),
-                                tl.cdiv(vocab, BLOCK_V), group_size)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_n = offs_n < num_tokens
-    mask = mask_n[:, None] & (offs_v < vocab)[None, :]
+    offs_n, offs_v, mask_n, mask = _program_tile(num_tokens, vocab, group_size, BLOCK_N, BLOCK_V)
     y = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
     coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
     max_m = tl.load(max_m_ptr + offs_n, mask=mask_n, other=0.0)

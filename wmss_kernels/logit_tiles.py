@@ -32,9 +32,10 @@ SOFTCAP_POLY_LIMIT = tl.constexpr(0.625)
 def soft_cap(a, cap):
     """``cap * tanh(a / cap)`` to float32 precision for every positive ``cap``.
 
-    Small ``x = a / cap`` use ``tanh x = x + x^3 P(x^2)`` written as ``a + a x^2 P(x^2)``: ``cap`` never
-    multiplies a tiny quantity, so a cap of 1e30 gives back ``a`` (not 0) and 1e5 loses nothing.
-    Large ``|x|`` use ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, exact at the tails (``e`` -> 0).
+    Small ``x = a / cap`` use ``tanh x = x + x^3 P(x^2)``, written as ``a + a x^2 P(x^2)``:
+    ``cap`` never multiplies a tiny quantity, so a cap of 1e30 gives back ``a`` (not 0) and 1e5
+    loses nothing. Large ``|x|`` use ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, exact at the
+    tails (``e`` -> 0).
     """
     x = a / cap
     x2 = x * x
@@ -49,7 +50,7 @@ def soft_cap(a, cap):
 
 @triton.jit
 def soft_cap_slope(a, cap):
-    """``d/da cap * tanh(a / cap) = sech^2(a / cap) = 4 e / (1 + e)^2`` with ``e = exp(-2|a / cap|)``:
+    """``d/da cap * tanh(a / cap) = sech^2(a / cap) = 4 e / (1 + e)^2``, ``e = exp(-2|a / cap|)``:
     full relative precision where the cap saturates, unlike ``1 - tanh^2``."""
     e = tl.exp(-2.0 * tl.abs(a / cap))
     return 4.0 * e / ((1.0 + e) * (1.0 + e))
