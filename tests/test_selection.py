@@ -1,5 +1,6 @@
 """WD-DS (wmss.selection, wmss select): weights, draws, per-example scores, resume, the command."""
 
+import dataclasses
 import json
 import math
 import os
@@ -192,10 +193,70 @@ def test_inclusion_rate_matches_one_minus_one_minus_p_to_the_d():
     ([1.0], dict(num_draws=2.5), TypeError, "num_draws must be an int"),
     ([1.0], dict(seed=-3), ValueError, "seed must be >= 0"),
     ([1.0], dict(seed=True), TypeError, "seed must be an int"),
+    ([1.0], dict(seed=2 ** 63), ValueError, r"seed must be < 2\*\*63"),
+    ([1.0], dict(num_draws=2 ** 63), ValueError, r"num_draws must be < 2\*\*63"),
+    ([1.0], dict(keep_duplicates=1), TypeError, "keep_duplicates must be True or False"),
+    ([1.0], dict(num_draws=2 ** 31 + 1, keep_duplicates=True), ValueError,
+     r"num_draws=2147483649 is too many to keep every draw.*2\*\*31"),
 ])
 def test_draw_active_rejects_bad_input(weights, options, error, match):
     with pytest.raises(error, match=match):
         selection.draw_active(weights, **options)
+
+
+def test_draw_active_draws_len_weights_times_by_default():
+    """num_draws=None is the paper's |D|: as many draws as examples."""
+    weights = torch.rand(60, dtype=torch.float64)
+    for seed in range(3):
+        assert torch.equal(selection.draw_active(weights, seed=seed),
+                           selection.draw_active(weights, 60, seed=seed))
+        assert selection.draw_active(weights, seed=seed, keep_duplicates=True).numel() == 60
+    assert not torch.equal(selection.draw_active(weights, seed=0, keep_duplicates=True),
+                           selection.draw_active(weights, 59, seed=0, keep_duplicates=True))
+
+
+def test_huge_numbers_of_draws_select_every_positive_weight_and_no_zero_weight():
+    # Expected draws of the smallest weight: 1e13 * 1e-9 / 5 = 2000, so it is drawn for sure.
+    weights = [3.0, 0.0, 1e-6, 0.0, 2.0, 1e-9, 0.0]
+    assert selection.draw_active(weights, 10 ** 13, seed=4).tolist() == [0, 2, 4, 5]
+    # The rounding of 1/3 + 1/3 + 1/3 leaves ~1e-16 of the mass over: at 10**17 draws, a
+    # multinomial over all four weights hands it to the last one, of weight 0.
+    for seed in range(3):
+        assert selection.draw_active([1.0, 1.0, 1.0, 0.0], 10 ** 17, seed=seed).tolist() == \
+            [0, 1, 2]
+
+
+def test_weights_whose_sum_overflows_draw_like_the_same_weights_scaled_down():
+    shape = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    huge = shape * 2.0 ** 1023  # exact scaling; their sum, 3.5 * 2**1023, overflows float64
+    assert math.isinf(float(huge.sum()))
+    for seed in range(5):
+        assert torch.equal(selection.draw_active(huge, 3, seed=seed),
+                           selection.draw_active(shape, 3, seed=seed))
+    # ... and follow the weights: 2/7, 2/7, 2/7, 0, 1/7 of 70 000 draws.
+    every = selection.draw_active(huge, 70_000, seed=1, keep_duplicates=True)
+    counts = torch.bincount(every, minlength=5).double()
+    expected = torch.tensor([20_000, 20_000, 20_000, 0, 10_000], dtype=torch.float64)
+    assert counts[3] == 0
+    assert bool(((counts - expected).abs() <= 5 * (expected * (1 - expected / 70_000)).sqrt()
+                 ).all()), counts.tolist()
+
+
+def test_keep_duplicates_returns_every_draw_sorted_with_repeats():
+    weights = torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64)
+    every = selection.draw_active(weights, 60_000, seed=7, keep_duplicates=True)
+    assert every.dtype == torch.int64 and every.numel() == 60_000
+    assert torch.equal(every, every.sort().values)
+    # The same draws as without keep_duplicates, repeats aside.
+    assert torch.equal(torch.unique(every), selection.draw_active(weights, 60_000, seed=7))
+    # An example drawn k times appears k times: counts follow p = [1, 2, 3, 0] / 6.
+    counts = torch.bincount(every, minlength=4).double()
+    expected = torch.tensor([10_000, 20_000, 30_000, 0], dtype=torch.float64)
+    assert counts[3] == 0
+    assert bool(((counts - expected).abs() <= 5 * (expected * (1 - expected / 60_000)).sqrt()
+                 ).all()), counts.tolist()
+    # Few draws on many examples: repeats are kept, so the length is always num_draws.
+    assert selection.draw_active([0.0, 1.0], 5, keep_duplicates=True).tolist() == [1] * 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +525,152 @@ def test_an_output_that_belongs_to_something_else_is_never_overwritten_silently(
     assert torch.equal(selection.DatasetScores.load(output).entropy_weak, replaced.entropy_weak)
 
 
+def test_scores_are_not_reused_when_a_weight_the_old_sampled_probe_skipped_changed(
+        tokenizer, dataset, tmp_path):
+    strong, weak = _pair(tokenizer)
+    output = tmp_path / "scores.json"
+    before = selection.score_dataset(strong, weak, dataset, output=output, progress=False)
+    saved = output.read_text()
+    # Format 1 summed 64 evenly spaced values of each parameter: of lm_head.weight, [V, 64], the
+    # flat index 1 was never among them. One value changed there changes the scores.
+    head = weak.lm_head.weight
+    assert head.numel() // 64 > 1
+    with torch.no_grad():
+        head.view(-1)[1] += 3.0
+    changed = reference_scores(weak, dataset)
+    assert float((changed - before.entropy_weak).abs().max()) > 1e-3  # stale scores are wrong
+
+    with pytest.raises(ValueError, match=r"different models \(the weak model's .*weights differ"
+                                         r"\).*overwrite=True"):
+        selection.score_dataset(strong, weak, dataset, output=output, progress=False)
+    assert output.read_text() == saved
+    rescored = selection.score_dataset(strong, weak, dataset, output=output, progress=False,
+                                       overwrite=True)
+    assert_close(rescored.entropy_weak, changed, 1e-5, "weak, rescored")
+    assert_close(rescored.entropy_strong, before.entropy_strong, 1e-12, "strong, rescored")
+    assert torch.equal(selection.DatasetScores.load(output).entropy_weak, rescored.entropy_weak)
+
+
+def test_model_signature_is_an_exact_hash_of_every_parameter_and_buffer(tokenizer, monkeypatch):
+    def signature(model):
+        return selection._model_signature(model)
+
+    model = toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=1)
+    base = signature(model)
+    assert base["tensors_without_data"] == 0 and len(base["sha256"]) == 64
+    assert signature(toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=1)) == base
+    # Hashed in chunks: the chunk size does not change the hash (40 bytes: 10 float32 values).
+    monkeypatch.setattr(selection, "HASH_CHUNK_BYTES", 40)
+    assert signature(model) == base
+    monkeypatch.undo()
+
+    def changed_by_one_ulp(tensor):
+        with torch.no_grad():
+            flat = tensor.view(-1)
+            flat[-1] = torch.nextafter(flat[-1], flat[-1] + 1)
+        assert signature(model) != base
+        with torch.no_grad():
+            flat[-1] = torch.nextafter(flat[-1], flat[-1] - 1)
+        assert signature(model) == base
+
+    changed_by_one_ulp(model.model.norm.weight)
+    buffers = dict(model.named_buffers())
+    assert buffers, "the tiny llama has rotary frequencies as a (non-persistent) buffer"
+    changed_by_one_ulp(next(iter(buffers.values())))
+
+    # bfloat16 (which numpy lacks) is hashed from its bytes, and one value of it counts too.
+    half = toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=1).to(torch.bfloat16)
+    assert signature(half)["dtype"] == "torch.bfloat16" and signature(half) != base
+    half_base = signature(half)
+    with torch.no_grad():
+        half.lm_head.weight.view(-1)[1] += 1.0
+    assert signature(half)["sha256"] != half_base["sha256"]
+
+
+def test_a_non_contiguous_tensor_hashes_as_its_contiguous_copy(monkeypatch):
+    import hashlib
+
+    tensor = torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(3, 5, 7).permute(2, 0, 1)
+    assert not tensor.is_contiguous()
+    expected = hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+    for chunk in (4, 8, 60, 2 ** 20):  # smaller than a row, than a block of rows, than all
+        monkeypatch.setattr(selection, "HASH_CHUNK_BYTES", chunk)
+        digest = hashlib.sha256()
+        selection._hash_tensor(digest, tensor)
+        assert digest.hexdigest() == expected, chunk
+
+
+def test_weights_not_in_memory_are_never_taken_for_a_match(tokenizer, dataset, tmp_path):
+    strong, weak = _pair(tokenizer)
+    output = tmp_path / "scores.json"
+    # An offloaded weight has no values to hash: nothing proves the file is of this model, even
+    # when it was written by this very model (the hash sees the same names and shapes).
+    weak.register_buffer("offloaded", torch.empty(4, device="meta"), persistent=False)
+    selection.score_dataset(strong, weak, dataset[:2], output=output, progress=False)
+    saved = output.read_text()
+    assert json.loads(saved)["models"]["weak"]["tensors_without_data"] == 1
+    with pytest.raises(ValueError, match=r"the weak model's weights are not all in memory "
+                                         r"\(1 tensor\(s\) on the meta device"):
+        selection.score_dataset(strong, weak, dataset[:2], output=output, progress=False)
+    assert output.read_text() == saved
+
+
+def test_a_version_1_scores_file_is_read_but_never_reused(pair, dataset, tmp_path):
+    strong, weak = pair
+    output = tmp_path / "scores.json"
+    current = selection.score_dataset(strong, weak, dataset[:3], output=output, progress=False)
+    document = json.loads(output.read_text())
+    document["version"] = 1  # what an older wmss wrote: a sampled probe per model
+    document["models"] = {name: {"class": model["class"],
+                                 "num_parameters": model["num_parameters"],
+                                 "dtype": model["dtype"], "probe": 1.25}
+                          for name, model in document["models"].items()}
+    old = json.dumps(document)
+    output.write_text(old)
+    loaded = selection.DatasetScores.load(output)
+    assert torch.equal(loaded.entropy_weak, current.entropy_weak)
+    assert loaded.metadata["models"]["weak"]["probe"] == 1.25
+
+    with pytest.raises(ValueError, match=r"older wmss \(scores format version 1\).*"
+                                         r"overwrite=True"):
+        selection.score_dataset(strong, weak, dataset[:3], output=output, progress=False)
+    with pytest.raises(ValueError, match=r"older wmss \(scores format version 1\)"):
+        selection.check_scores_output(output, dataset[:3])
+    assert output.read_text() == old
+
+    counter = ForwardCounter({"strong": strong, "weak": weak})
+    try:
+        selection.score_dataset(strong, weak, dataset[:3], output=output, progress=False,
+                                overwrite=True)
+    finally:
+        counter.remove()
+    assert counter.examples == {"strong": 3, "weak": 3}  # recomputed, not reused
+    assert json.loads(output.read_text())["version"] == selection.FORMAT_VERSION == 2
+
+
+def test_check_scores_output_refuses_what_score_dataset_would_without_the_models(
+        pair, dataset, tmp_path):
+    strong, weak = pair
+    output = tmp_path / "scores.json"
+    selection.check_scores_output(output, dataset)  # no file yet: fine
+    selection.score_dataset(strong, weak, dataset[:4], output=output, progress=False)
+    selection.check_scores_output(output, dataset[:4])  # the same data: fine
+    with pytest.raises(ValueError, match=r"does not hold these scores: it has 4 examples, the "
+                                         r"data set 3.*overwrite=True"):
+        selection.check_scores_output(output, dataset[:3])
+    relabelled = [dict(e) for e in dataset[:4]]
+    relabelled[0] = {"input_ids": dataset[0]["input_ids"],
+                     "labels": dataset[0]["labels"][:-1] + [-100]}
+    with pytest.raises(ValueError, match="different data set"):
+        selection.check_scores_output(output, relabelled)
+    selection.check_scores_output(output, relabelled, overwrite=True)
+    with pytest.raises(ValueError, match=r"dataset\[0\] must be a dict"):
+        selection.check_scores_output(output, [[1, 2]])
+    (tmp_path / "notes.json").write_text("my notes\n")
+    with pytest.raises(ValueError, match="not a wmss scores file"):
+        selection.check_scores_output(tmp_path / "notes.json", dataset)
+
+
 def test_dataset_scores_save_and_load_round_trip_exactly(tmp_path):
     scores = selection.DatasetScores(torch.rand(5, dtype=torch.float64),
                                      torch.rand(5, dtype=torch.float64),
@@ -549,6 +756,136 @@ def test_summarize_reports_counts_means_and_term_shares():
     p = weights / weights.sum()
     assert math.isclose(summary["expected_selected"], float((1 - (1 - p) ** 10).sum()))
     json.dumps(summary, allow_nan=False)  # JSON-ready
+
+
+def test_summarize_counts_duplicates_with_and_without_keeping_them():
+    scores = selection.DatasetScores(H_STRONG, H_WEAK, [4, 2, 1, 0])
+    weights = selection.sampling_weights(scores.entropy_strong, scores.entropy_weak)
+    every = selection.draw_active(weights, 50, seed=2, keep_duplicates=True)
+    distinct = torch.unique(every)
+    kept = selection.summarize(scores, weights, every, num_draws=50, keep_duplicates=True)
+    assert kept["keep_duplicates"] is True and kept["active_size"] == 50
+    assert kept["selected"] == distinct.numel() and kept["duplicates"] == 50 - distinct.numel()
+    dropped = selection.summarize(scores, weights, distinct, num_draws=50)
+    assert dropped["keep_duplicates"] is False and dropped["active_size"] == distinct.numel()
+    assert dropped["duplicates"] == kept["duplicates"]
+    with pytest.raises(ValueError, match="one index per draw"):
+        selection.summarize(scores, weights, distinct, num_draws=50, keep_duplicates=True)
+    with pytest.raises(ValueError, match="repeated indices.*keep_duplicates=True"):
+        selection.summarize(scores, weights, every, num_draws=50)
+
+
+def test_expected_selected_is_exact_for_tiny_probabilities_and_many_draws():
+    scores = selection.DatasetScores([1.0, 1.0], [1.0, 1.0], [1, 1])
+    weights = torch.tensor([1.0, 1e-17], dtype=torch.float64)
+    active = selection.draw_active(weights, 10 ** 13, seed=0)
+    summary = selection.summarize(scores, weights, active, num_draws=10 ** 13)
+    # 1 - (1 - 1e-17)^1e13 = 1 - exp(-1e-4); in float64, 1 - 1e-17 rounds to 1 and gives 0.
+    assert math.isclose(summary["expected_selected"], 1 - math.expm1(-1e-4), rel_tol=1e-12)
+
+
+def test_selection_options_defaults_are_the_papers():
+    options = selection.SelectionOptions()
+    assert (options.alpha, options.beta, options.gamma) == (0.1, 0.8, 0.1)
+    assert (options.normalize, options.entropy_term) == ("paper", "strong")
+    assert options.num_draws is None and options.seed == 0 and options.keep_duplicates is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 1
+
+
+def test_selection_options_store_plain_numbers():
+    import numpy as np
+
+    options = selection.SelectionOptions(alpha=1, beta=np.float32(0.5), gamma=0, seed=np.int64(3),
+                                         num_draws=np.int32(7))
+    assert [type(v) for v in (options.alpha, options.beta, options.gamma)] == [float] * 3
+    assert type(options.seed) is int and type(options.num_draws) is int
+    assert (options.alpha, options.beta, options.seed, options.num_draws) == (1.0, 0.5, 3, 7)
+
+
+@pytest.mark.parametrize("fields, error, match", [
+    (dict(alpha=-0.1), ValueError, "alpha must be a finite number >= 0"),
+    (dict(beta=float("nan")), ValueError, "beta must be a finite number >= 0, got nan"),
+    (dict(gamma=float("inf")), ValueError, "gamma must be a finite number >= 0, got inf"),
+    (dict(alpha=0, beta=0.0, gamma=0), ValueError, "alpha, beta and gamma are all 0"),
+    (dict(alpha=True), TypeError, "alpha must be a real number, got bool"),
+    (dict(beta="0.8"), TypeError, "beta must be a real number, got str"),
+    (dict(normalize="softmax"), ValueError, "normalize must be one of"),
+    (dict(entropy_term=None), TypeError, "entropy_term must be one of"),
+    (dict(num_draws=0), ValueError, "num_draws must be >= 1, got 0"),
+    (dict(num_draws=2 ** 63), ValueError, r"num_draws must be < 2\*\*63"),
+    (dict(num_draws=10.0), TypeError, "num_draws must be an int, got float"),
+    (dict(num_draws=True), TypeError, "num_draws must be an int, got bool"),
+    (dict(seed=-1), ValueError, "seed must be >= 0, got -1"),
+    (dict(seed=2 ** 63), ValueError, r"seed must be < 2\*\*63"),
+    (dict(seed=False), TypeError, "seed must be an int, got bool"),
+    (dict(keep_duplicates="yes"), TypeError, "keep_duplicates must be True or False"),
+    (dict(keep_duplicates=True, num_draws=2 ** 31 + 1), ValueError,
+     "num_draws=2147483649 is too many to keep every draw"),
+])
+def test_selection_options_reject_every_bad_field_naming_it(fields, error, match):
+    with pytest.raises(error, match=match):
+        selection.SelectionOptions(**fields)
+
+
+def test_selection_options_allow_the_largest_draws():
+    assert selection.SelectionOptions(num_draws=2 ** 63 - 1).num_draws == 2 ** 63 - 1
+    assert selection.SelectionOptions(num_draws=2 ** 31, keep_duplicates=True).num_draws == 2 ** 31
+    assert selection.SelectionOptions(seed=2 ** 63 - 1).seed == 2 ** 63 - 1
+
+
+def test_select_active_is_weights_then_draws_then_summary():
+    scores = selection.DatasetScores(torch.rand(30, dtype=torch.float64) * 2,
+                                     torch.rand(30, dtype=torch.float64) * 2,
+                                     torch.randint(1, 9, (30,)), {"dataset_sha256": "abc"})
+    weight_options = dict(alpha=0.5, beta=0.2, gamma=0.3, normalize="per_term",
+                          entropy_term="weak")
+    for keep_duplicates, num_draws in ((False, None), (True, None), (True, 45), (False, 7)):
+        options = selection.SelectionOptions(**weight_options, num_draws=num_draws, seed=9,
+                                             keep_duplicates=keep_duplicates)
+        chosen = selection.select_active(scores, options)
+        weights = selection.sampling_weights(scores.entropy_strong, scores.entropy_weak,
+                                             **weight_options)
+        draws = 30 if num_draws is None else num_draws  # None: |D|, the data set's size
+        active = selection.draw_active(weights, draws, seed=9, keep_duplicates=keep_duplicates)
+        assert torch.equal(chosen.weights, weights) and chosen.weights.dtype == torch.float64
+        assert torch.equal(chosen.active, active) and chosen.active.dtype == torch.int64
+        assert chosen.summary == selection.summarize(scores, weights, active, num_draws=draws,
+                                                     seed=9, keep_duplicates=keep_duplicates,
+                                                     **weight_options)
+        assert chosen.summary["num_draws"] == draws
+        if keep_duplicates:
+            assert chosen.active.numel() == draws
+    with pytest.raises(TypeError, match="options must be a SelectionOptions"):
+        selection.select_active(scores, {"alpha": 0.1})
+    with pytest.raises(TypeError, match="scores must be a DatasetScores"):
+        selection.select_active([1.0, 2.0], selection.SelectionOptions())
+
+
+def test_save_selection_writes_the_active_set_and_summary(tmp_path):
+    scores = selection.DatasetScores(H_STRONG, H_WEAK, [4, 2, 1, 0])
+    chosen = selection.select_active(scores, selection.SelectionOptions(num_draws=9,
+                                                                        keep_duplicates=True))
+    out = tmp_path / "new" / "selection"
+    selection.save_selection(chosen, out, extra_summary={"data": "/d.jsonl"})
+    assert sorted(os.listdir(out)) == sorted([selection.ACTIVE_FILE, selection.SUMMARY_FILE])
+    assert json.loads((out / selection.ACTIVE_FILE).read_text()) == chosen.active.tolist()
+    assert len(json.loads((out / selection.ACTIVE_FILE).read_text())) == 9
+    assert json.loads((out / selection.SUMMARY_FILE).read_text()) == \
+        {**chosen.summary, "data": "/d.jsonl"}
+
+    before = {name: (out / name).read_text() for name in os.listdir(out)}
+    other = selection.select_active(scores, selection.SelectionOptions(num_draws=2))
+    assert other.active.tolist() != chosen.active.tolist()
+    with pytest.raises(ValueError, match=r"replace the summary's own entries \['seed'\]"):
+        selection.save_selection(other, out, extra_summary={"seed": 5})
+    with pytest.raises(ValueError):  # not JSON: refused before either file is touched
+        selection.save_selection(other, out, extra_summary={"note": float("nan")})
+    with pytest.raises(TypeError, match="extra_summary must be a dict"):
+        selection.save_selection(other, out, extra_summary=["data"])
+    with pytest.raises(TypeError, match="selection must be a Selection"):
+        selection.save_selection(chosen.summary, out)
+    assert {name: (out / name).read_text() for name in os.listdir(out)} == before
 
 
 @pytest.fixture

@@ -11,7 +11,11 @@ Three steps, each usable on its own:
    ``p_i ∝ alpha * [-dH_i]_+ + beta * H_strong_i + gamma * [dH_i]_+`` with
    ``dH_i = H_strong_i - H_weak_i``.
 3. ``draw_active(p)`` -> the active set: ``|D|`` draws with replacement from ``p``, duplicates
-   dropped, sorted.
+   dropped (or kept, the authors' variant: an example drawn k times is trained k times), sorted.
+
+``select_active(scores, SelectionOptions(...))`` runs steps 2 and 3 with one validated set of
+options and ``save_selection`` writes the result (``ACTIVE_FILE``, ``SUMMARY_FILE``); both
+``wmss select`` and the pipeline (``wmss train``) use them, so the two cannot drift apart.
 
 What the three terms mean: ``[-dH]_+`` is large where the weak model is more uncertain than the
 strong one (what the strong model has learned since), ``H_strong`` where the strong model itself
@@ -49,11 +53,19 @@ from .io import atomic_write_json
 from .validation import BACKENDS, check_choice, check_flag, check_ignore_index
 
 __all__ = [
+    "ACTIVE_FILE",
     "DatasetScores",
+    "SCORES_FILE",
+    "SUMMARY_FILE",
+    "Selection",
+    "SelectionOptions",
+    "check_scores_output",
     "dataset_fingerprint",
     "draw_active",
     "sampling_weights",
+    "save_selection",
     "score_dataset",
+    "select_active",
     "summarize",
     "weight_terms",
 ]
@@ -62,7 +74,28 @@ NORMALIZATIONS = ("paper", "per_term")
 ENTROPY_TERMS = ("strong", "weak")
 TERMS = ("alpha", "beta", "gamma")
 
-SCORES_FORMAT, FORMAT_VERSION = "wmss.selection.scores", 1
+# The files of a selection directory (``wmss select --output-dir``, a pipeline round's
+# ``selection/``): the scores (and their checkpoint), the active set, the summary.
+SCORES_FILE = "scores.json"
+ACTIVE_FILE = "active_indices.json"
+SUMMARY_FILE = "selection_summary.json"
+
+# Version 2: the models' signature is an exact SHA-256 of their weights (version 1 summed a
+# sampled probe of them, blind to most values). Version-1 files are still read by
+# ``DatasetScores.load``, but ``score_dataset`` never reuses them: nothing in them can tell
+# whether they were computed with the models at hand (``overwrite=True`` recomputes them).
+SCORES_FORMAT, FORMAT_VERSION = "wmss.selection.scores", 2
+READABLE_VERSIONS = (1, 2)
+
+# Seeds of the draws: numpy's PCG64 takes any int >= 0; capped so they fit an int64 everywhere.
+SEED_LIMIT = 2 ** 63
+# numpy's multinomial counts draws in int64.
+MAX_DRAWS = 2 ** 63 - 1
+# keep_duplicates materialises one int64 index per draw: beyond this, 16 GiB and more.
+MAX_KEPT_DRAWS = 2 ** 31
+# Bytes of a tensor hashed at a time by the models' signature: a tensor on an accelerator is
+# copied to the host one chunk at a time, so the host memory it takes stays this small.
+HASH_CHUNK_BYTES = 16 * 2 ** 20
 
 # Seconds between checkpoints of score_dataset's output file. Each checkpoint rewrites the whole
 # file (O(examples)), so a time interval keeps the total cost bounded on large data sets.
@@ -191,31 +224,64 @@ def sampling_weights(entropy_strong, entropy_weak, *, alpha: float = ALPHA, beta
 # Drawing the active set
 # --------------------------------------------------------------------------------------------
 
-def _index_count(name: str, value, minimum: int) -> int:
+def _limit_text(limit: int) -> str:
+    """``limit`` for messages: ``2**63`` reads better than its 19 digits."""
+    return f"2**{limit.bit_length() - 1}" if limit > 0 and limit & (limit - 1) == 0 else str(limit)
+
+
+def _index_count(name: str, value, minimum: int, limit: Optional[int] = None) -> int:
+    """``value`` as an int in ``[minimum, limit)``; ``TypeError`` for bools and non-integers."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if limit is not None and value >= limit:
+        raise ValueError(f"{name} must be < {_limit_text(limit)}, got {value}")
     return int(value)
 
 
-def draw_active(weights, num_draws: Optional[int] = None, *, seed: int = 0) -> torch.Tensor:
-    """The active set: ``num_draws`` draws with replacement from ``weights``, deduplicated.
+def _check_kept_draws(num_draws: int) -> None:
+    if num_draws > MAX_KEPT_DRAWS:
+        raise ValueError(f"num_draws={num_draws} is too many to keep every draw: with "
+                         f"keep_duplicates the active set holds one index per draw (at most "
+                         f"{_limit_text(MAX_KEPT_DRAWS)} = {MAX_KEPT_DRAWS}); draw fewer, or drop "
+                         "duplicates")
+
+
+def draw_active(weights, num_draws: Optional[int] = None, *, seed: int = 0,
+                keep_duplicates: bool = False) -> torch.Tensor:
+    """The active set: ``num_draws`` draws with replacement from ``weights``.
 
     Args:
         weights: ``[n]`` non-negative finite weights (e.g. from ``sampling_weights``; they need
-            not sum to 1: example ``i`` is drawn with probability ``weights[i] / weights.sum()``).
-        num_draws: number of draws; ``None`` means ``n`` (the paper's ``|D|``).
-        seed: seeds a CPU ``torch.Generator``, so the same inputs give the same set on any
-            machine (for a given PyTorch version).
+            not sum to 1: example ``i`` is drawn with probability ``weights[i] / weights.sum()``,
+            and a sum beyond float64's range is fine).
+        num_draws: number of draws, ``0 <= num_draws < 2**63``; ``None`` means ``n`` (the
+            paper's ``|D|``).
+        seed: ``0 <= seed < 2**63``; seeds numpy's ``Generator(PCG64(seed))``. The same weights,
+            ``num_draws`` and seed give the same set on any machine for a given NumPy version
+            (and the same set with and without ``keep_duplicates``, repeats aside).
+        keep_duplicates: ``False`` (the paper): each drawn example once. ``True`` (the
+            authors' code): every draw, so an example drawn ``k`` times is trained ``k`` times;
+            then ``num_draws`` is at most ``2**31``.
 
     Returns:
-        Sorted, unique int64 CPU indices in ``[0, n)``; example ``i`` is included with
-        probability ``1 - (1 - p_i)^num_draws``. Examples of weight 0 are never drawn.
+        Sorted int64 CPU indices in ``[0, n)``. Unique, and example ``i`` is in it with
+        probability ``1 - (1 - p_i)^num_draws``, without ``keep_duplicates``; with it, of length
+        ``num_draws``, ``i`` repeated as often as it was drawn. Examples of weight 0 are never
+        drawn.
+
+    Time and memory are O(n) whatever ``num_draws``: the draws are never made one by one. How
+    often each example is drawn is multinomial, so its counts are drawn at once with
+    ``numpy.random.Generator.multinomial``: one binomial per example of positive weight, exact
+    up to the float64 rounding of the probabilities.
 
     Raises:
         ValueError: weights not 1-D, not finite, negative, or all zero (no example can be drawn:
-            typically no example has a supervised token, or every entropy is 0).
+            typically no example has a supervised token, or every entropy is 0); ``num_draws``
+            or ``seed`` out of range, or ``num_draws > 2**31`` with ``keep_duplicates``.
+        TypeError: weights not numbers, ``num_draws``/``seed`` not ints, ``keep_duplicates`` not
+            a bool.
     """
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().to("cpu", torch.float64)
@@ -229,24 +295,30 @@ def draw_active(weights, num_draws: Optional[int] = None, *, seed: int = 0) -> t
         raise ValueError(f"weights must be 1-D (one weight per example), got shape "
                          f"{tuple(weights.shape)}")
     _check_finite_non_negative("weights", weights, "a sampling weight")
-    positive = (weights > 0).nonzero()
-    if positive.numel() == 0:
+    num_draws = (len(weights) if num_draws is None
+                 else _index_count("num_draws", num_draws, 0, MAX_DRAWS + 1))
+    seed = _index_count("seed", seed, 0, SEED_LIMIT)
+    check_flag("keep_duplicates", keep_duplicates)
+    if keep_duplicates:
+        _check_kept_draws(num_draws)
+    values = weights.numpy()
+    positive = np.flatnonzero(values > 0)
+    if positive.size == 0:
         raise ValueError("weights: every example has weight 0, so nothing can be drawn "
                          "(no example has a supervised token, or every entropy is 0)")
-    num_draws = len(weights) if num_draws is None else _index_count("num_draws", num_draws, 0)
-    seed = _index_count("seed", seed, 0)
-    if seed >= 2 ** 63:
-        raise ValueError(f"seed must be < 2**63, got {seed}")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    # Inverse-CDF sampling: draw u ~ U[0, total) and take the first index whose cumulative weight
-    # exceeds it. Exact for the categorical distribution, with no limit on the number of
-    # categories (torch.multinomial caps them at 2^24), and zero-weight examples are never hit.
-    cumulative = torch.cumsum(weights, 0)
-    targets = torch.rand(num_draws, generator=generator, dtype=torch.float64) * cumulative[-1]
-    draws = torch.searchsorted(cumulative, targets, right=True)
-    # u * total can round up to total itself: that draw belongs to the last positive weight.
-    draws.clamp_(max=int(positive[-1]))
-    return torch.unique(draws, sorted=True).to(torch.int64)
+    # Divided by the largest weight first, so that the sum cannot overflow (it is then <= n).
+    # Only positive weights take part: numpy gives the last category whatever rounding leaves
+    # over, which must never be an example of weight 0.
+    probabilities = values[positive] / values[positive].max()
+    probabilities /= probabilities.sum()
+    generator = np.random.Generator(np.random.PCG64(seed))
+    counts = generator.multinomial(num_draws, probabilities)
+    drawn = counts > 0
+    if keep_duplicates:
+        active = np.repeat(positive[drawn], counts[drawn])
+    else:
+        active = positive[drawn]
+    return torch.from_numpy(active.astype(np.int64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +335,8 @@ class DatasetScores:
         entropy_weak: float64 ``[n]``: the same for the weak model.
         tokens: int64 ``[n]``: number of supervised targets (after the HF shift).
         metadata: what the scores belong to: ``dataset_sha256`` (see ``dataset_fingerprint``)
-            and ``models`` (a light signature of each model); saved with the scores.
+            and ``models`` (each model's class, size, dtype and the SHA-256 of all its weights);
+            saved with the scores.
     """
 
     entropy_strong: torch.Tensor
@@ -296,17 +369,21 @@ class DatasetScores:
     def save(self, path: str | os.PathLike) -> None:
         """Write the scores file atomically.
 
-        Format: one JSON object ``{"format": "wmss.selection.scores", "version": 1,
-        "complete": bool, "num_examples": n, "dataset_sha256": str, "models": {...},
-        "entropy_strong": [...], "entropy_weak": [...], "tokens": [...]}``, the three lists in
-        data-set order. A checkpoint of an interrupted ``score_dataset`` has ``"complete":
-        false`` and ``null`` in all three lists for the examples not scored yet.
+        Format: one JSON object ``{"format": "wmss.selection.scores", "version": 2,
+        "complete": bool, "num_examples": n, "dataset_sha256": str, "models": {"strong":
+        {...}, "weak": {...}}, "entropy_strong": [...], "entropy_weak": [...], "tokens":
+        [...]}``, the three lists in data-set order; each model's entry is ``{"class",
+        "num_parameters", "dtype", "sha256", "tensors_without_data"}``. A checkpoint of an
+        interrupted ``score_dataset`` has ``"complete": false`` and ``null`` in all three lists
+        for the examples not scored yet. Version 1 (whose model entries hold a sampled
+        ``"probe"`` instead of ``"sha256"``) is still read by ``load``.
         """
         atomic_write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DatasetScores":
-        """Read a complete scores file (``ValueError`` for anything else, e.g. a checkpoint)."""
+        """Read a complete scores file, version 1 or 2 (``ValueError`` for anything else, e.g.
+        a checkpoint)."""
         document = _read_scores_file(path)
         if not document["complete"]:
             missing = sum(t is None for t in document["tokens"])
@@ -337,9 +414,10 @@ def _read_scores_file(path) -> dict:
         raise ValueError(f"{path} is not a wmss scores file (not UTF-8 text)") from None
     if not isinstance(document, dict) or document.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not a wmss scores file (no \"format\": \"{SCORES_FORMAT}\")")
-    if document.get("version") != FORMAT_VERSION:
+    if document.get("version") not in READABLE_VERSIONS or isinstance(document["version"], bool):
         raise ValueError(f"{path}: scores file version {document.get('version')!r} is not "
-                         f"supported (expected {FORMAT_VERSION})")
+                         f"supported (this wmss reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
     n = document.get("num_examples")
     columns = ("entropy_strong", "entropy_weak", "tokens")
     if not isinstance(n, int) or any(not isinstance(document.get(c), list) or
@@ -427,40 +505,129 @@ def _int_array(name: str, values) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _model_signature(model: nn.Module) -> dict:
-    """A cheap identity of a model: class, size, dtype and a probe of its parameter values.
+def _hash_tensor(digest, tensor: torch.Tensor) -> None:
+    """Feed ``tensor``'s raw bytes (row-major, native byte order) to ``digest``.
 
-    The probe sums up to 64 evenly spaced values of every parameter (float64), which tells two
-    checkpoints of one architecture apart without reading all their weights.
+    At most ``HASH_CHUNK_BYTES`` of it exist on the host at a time: a contiguous tensor is
+    streamed as ``uint8`` views of its storage (which also covers bfloat16 and any other dtype
+    numpy lacks), a tensor on an accelerator one chunk copied to the host at a time, and a
+    non-contiguous one in blocks of rows, each copied contiguous on its own.
+    """
+    tensor = tensor.detach()
+    if tensor.numel() == 0:
+        return
+    if not tensor.is_contiguous():
+        row_bytes = tensor[0].numel() * tensor.element_size()
+        if tensor.dim() > 1 and row_bytes > HASH_CHUNK_BYTES:
+            for row in tensor:
+                _hash_tensor(digest, row)
+            return
+        rows = max(1, HASH_CHUNK_BYTES // row_bytes)
+        for start in range(0, tensor.shape[0], rows):
+            _hash_tensor(digest, tensor[start:start + rows].contiguous())
+        return
+    # The contiguous elements as one flat view of stride 1 (a size-1 dimension may have any
+    # stride and still count as contiguous, which view(uint8) refuses).
+    flat = tensor.as_strided((tensor.numel(),), (1,))
+    step = max(1, HASH_CHUNK_BYTES // tensor.element_size())
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start:start + step].view(torch.uint8)
+        digest.update(chunk.cpu().numpy())
+
+
+def _model_signature(model: nn.Module) -> dict:
+    """The identity of a model's outputs: class, size, dtype and an exact hash of its weights.
+
+    ``sha256`` covers every parameter and buffer (non-persistent ones too, e.g. rotary
+    frequencies): its name, shape, dtype and every byte of its values, so a model changed in any
+    one value has another signature. It reads all the weights once (tensors on an accelerator
+    are copied to the host in ``HASH_CHUNK_BYTES`` chunks). The same weights give the same hash
+    on any device. Tensors on the ``meta`` device (offloaded weights) have no values to read:
+    ``tensors_without_data`` counts them, and a signature with any is never taken as a match.
     """
     model = hf.unwrap(model)
-    parameters = [p for p in model.parameters() if p.device.type != "meta"]
-    probe = 0.0
-    for p in parameters:
-        if p.numel():
-            flat = p.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // 64)][:64].double()
-            # nan_to_num: a broken model must still be described by a JSON-writable number.
-            probe += float(torch.nan_to_num(sample, nan=0.0, posinf=1.0, neginf=-1.0).sum())
+    digest = hashlib.sha256(b"wmss.selection.model/2")
+    without_data = 0
+    for kind, tensors in (("parameter", model.named_parameters()),
+                          ("buffer", model.named_buffers())):
+        for name, tensor in tensors:
+            # Length-prefixed, so that no two sequences of (name, shape, dtype) read the same.
+            header = json.dumps([kind, name, list(tensor.shape), str(tensor.dtype)]).encode()
+            digest.update(len(header).to_bytes(8, "little") + header)
+            if tensor.device.type == "meta":
+                without_data += 1
+            else:
+                _hash_tensor(digest, tensor)
+    parameters = list(model.parameters())
     return {"class": type(model).__name__,
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_parameters": sum(p.numel() for p in parameters),
             "dtype": str(parameters[0].dtype) if parameters else None,
-            "probe": probe}
+            "sha256": digest.hexdigest(),
+            "tensors_without_data": without_data}
 
 
-def _same_models(saved, current: dict) -> bool:
+def _models_problem(saved, current: dict) -> Optional[str]:
+    """Why the scores of models ``saved`` (a file's signatures) are not those of ``current``."""
+    for name, signature in current.items():
+        if signature["tensors_without_data"]:
+            return (f"the {name} model's weights are not all in memory "
+                    f"({signature['tensors_without_data']} tensor(s) on the meta device, e.g. "
+                    "offloaded), so they cannot be checked against the ones it was computed with")
     if not isinstance(saved, dict) or set(saved) != set(current):
-        return False
+        return "it was computed with different models (or model dtypes)"
     for name, signature in current.items():
         other = saved[name]
-        if not isinstance(other, dict) or any(other.get(k) != signature[k]
-                                              for k in ("class", "num_parameters", "dtype")):
-            return False
-        # Equal values probed on another device may be summed in another order.
-        if not isinstance(other.get("probe"), (int, float)) or not math.isclose(
-                other["probe"], signature["probe"], rel_tol=1e-9, abs_tol=1e-9):
-            return False
-    return True
+        if not isinstance(other, dict) or any(other.get(key) != value
+                                              for key, value in signature.items()):
+            return (f"it was computed with different models (the {name} model's class, size, "
+                    "dtype or weights differ)")
+    return None
+
+
+def _data_problem(document: dict, catalog: _Catalog) -> Optional[str]:
+    """Why a scores file's ``document`` does not belong to this data set (or cannot be reused)."""
+    if document["version"] != FORMAT_VERSION:
+        return (f"it was written by an older wmss (scores format version "
+                f"{document['version']}), whose check of the models (a sampled probe of their "
+                "weights) cannot tell whether its scores are those of the models at hand")
+    if document["num_examples"] != len(catalog.lengths):
+        return f"it has {document['num_examples']} examples, the data set {len(catalog.lengths)}"
+    if document["dataset_sha256"] != catalog.sha256:
+        return "it was computed on a different data set (token ids or labels differ)"
+    return None
+
+
+def _existing_scores(output, catalog: _Catalog) -> tuple[Optional[dict], Optional[str]]:
+    """``(document, None)`` if ``output`` is a scores file of this data set, else ``(_, why)``."""
+    try:
+        document = _read_scores_file(output)
+    except ValueError as error:
+        return None, str(error)
+    return document, _data_problem(document, catalog)
+
+
+def _refusal(output, problem: str) -> ValueError:
+    return ValueError(f"output {os.fspath(output)!r} already exists and does not hold these "
+                      f"scores: {problem}. Pass overwrite=True (wmss select --overwrite) to "
+                      "replace it, or choose another output")
+
+
+def check_scores_output(output: str | os.PathLike, dataset: Sequence[Mapping], *,
+                        ignore_index: int = IGNORE_INDEX, overwrite: bool = False) -> None:
+    """Refuse, before any model is loaded, an ``output`` that ``score_dataset`` would refuse.
+
+    Everything but the models is checked: ``ValueError`` (the message ``score_dataset`` gives)
+    if ``output`` exists and is not a scores file, or is one of another data set or of an older
+    format, unless ``overwrite``; also for a malformed ``dataset``. Whether the file belongs to
+    the models is only known once they are loaded (``score_dataset`` checks it).
+    """
+    check_flag("overwrite", overwrite)
+    catalog = _catalog(dataset, check_ignore_index(ignore_index))
+    if overwrite or not os.path.exists(output):
+        return
+    _, problem = _existing_scores(output, catalog)
+    if problem is not None:
+        raise _refusal(output, problem)
 
 
 class _Checkpoint:
@@ -479,18 +646,9 @@ class _Checkpoint:
         checkpoint = cls(len(catalog.lengths), metadata)
         if output is None or not os.path.exists(output):
             return checkpoint
-        try:
-            document = _read_scores_file(output)
-            problem = None
-            if document["num_examples"] != len(catalog.lengths):
-                problem = (f"it has {document['num_examples']} examples, the data set "
-                           f"{len(catalog.lengths)}")
-            elif document["dataset_sha256"] != catalog.sha256:
-                problem = "it was computed on a different data set (token ids or labels differ)"
-            elif not _same_models(document["models"], metadata["models"]):
-                problem = "it was computed with different models (or model dtypes)"
-        except ValueError as error:
-            document, problem = None, str(error)
+        document, problem = _existing_scores(output, catalog)
+        if problem is None:
+            problem = _models_problem(document["models"], metadata["models"])
         if problem is None:
             checkpoint.strong = document["entropy_strong"]
             checkpoint.weak = document["entropy_weak"]
@@ -499,9 +657,7 @@ class _Checkpoint:
         if overwrite:
             checkpoint.dirty = True  # replaced at the first save
             return checkpoint
-        raise ValueError(f"output {os.fspath(output)!r} already exists and does not hold these "
-                         f"scores: {problem}. Pass overwrite=True (wmss select --overwrite) to "
-                         "replace it, or choose another output")
+        raise _refusal(output, problem)
 
     def done(self, index: int) -> bool:
         return self.tokens[index] is not None
@@ -609,12 +765,15 @@ def score_dataset(strong_model: nn.Module, weak_model: nn.Module, dataset: Seque
             there atomically every ``save_interval`` seconds, when scoring stops on an exception
             (e.g. KeyboardInterrupt), and at the end. If the file exists and belongs to this data
             set (same size, token ids and labels) and these models (same class, size, dtype and
-            parameter probe), its scores are kept and only the missing examples are computed.
+            SHA-256 of every parameter and buffer), its scores are kept and only the missing
+            examples are computed. A file of format version 1 (an older wmss) is never reused:
+            it is refused, or replaced with ``overwrite``. Hashing reads every weight of both
+            models once per call.
         backend: ``token_entropy`` backend ("auto", "triton", "torch", "reference").
         progress: show a tqdm progress bar (on stderr).
         ignore_index: the label of unsupervised tokens.
-        overwrite: if ``output`` exists but holds something else (other data, other models, not
-            a scores file), replace it instead of raising ``ValueError``.
+        overwrite: if ``output`` exists but holds something else (other data, other models, an
+            older format, not a scores file), replace it instead of raising ``ValueError``.
         save_interval: seconds between checkpoints (0: after every batch).
 
     Returns:
@@ -706,17 +865,22 @@ def score_dataset(strong_model: nn.Module, weak_model: nn.Module, dataset: Seque
 def summarize(scores: DatasetScores, weights, active, *, alpha: float = ALPHA,
               beta: float = BETA, gamma: float = GAMMA, normalize: str = "paper",
               entropy_term: str = "strong", num_draws: Optional[int] = None,
-              seed: Optional[int] = None) -> dict:
+              seed: Optional[int] = None, keep_duplicates: bool = False) -> dict:
     """A JSON-ready report of a selection (what ``wmss select`` prints and saves).
 
     Args:
         scores: the ``DatasetScores`` the selection was made from.
         weights: ``[n]`` sampling weights from ``sampling_weights`` with the options below.
-        active: the indices from ``draw_active(weights, num_draws, seed=seed)``.
+        active: the indices from ``draw_active(weights, num_draws, seed=seed,
+            keep_duplicates=keep_duplicates)``.
         alpha, beta, gamma, normalize, entropy_term: the weight options used (for the term
             shares; see ``weight_terms``).
-        num_draws, seed: as passed to ``draw_active`` (``None`` draws: ``n``).
+        num_draws, seed, keep_duplicates: as passed to ``draw_active`` (``None`` draws: ``n``).
 
+    ``selected`` counts the distinct examples drawn and ``active_size`` the entries of
+    ``active`` (the examples trained per epoch: ``selected`` without ``keep_duplicates``,
+    ``num_draws`` with it); ``duplicates = num_draws - selected`` is the number of draws that
+    hit an example drawn already (trained again with ``keep_duplicates``, dropped without).
     Mean entropies are over the examples with at least one supervised target (``None`` if there
     is none). ``term_share`` is each term's share of the total unnormalised weight mass: how much
     of the sampling the ``[-dH]_+`` (alpha), ``H`` (beta) and ``[dH]_+`` (gamma) terms drive.
@@ -729,11 +893,26 @@ def summarize(scores: DatasetScores, weights, active, *, alpha: float = ALPHA,
     weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
     if weights.shape != (n,):
         raise ValueError(f"weights must have shape ({n},) like scores, got {tuple(weights.shape)}")
+    check_flag("keep_duplicates", keep_duplicates)
     draws = n if num_draws is None else num_draws
     active = torch.as_tensor(active, dtype=torch.int64)
+    selected = int(torch.unique(active).numel())
+    if keep_duplicates and active.numel() != draws:
+        raise ValueError(f"with keep_duplicates, active must hold one index per draw "
+                         f"({draws}), got {active.numel()}")
+    if not keep_duplicates and selected != active.numel():
+        raise ValueError("active holds repeated indices: pass keep_duplicates=True if the "
+                         "duplicate draws were kept")
     supervised = scores.tokens > 0
     discrepancy = scores.discrepancy[supervised]
-    probabilities = weights / weights.sum() if weights.sum() > 0 else weights
+    # Scaled by the largest weight first: weights whose sum overflows are still a distribution.
+    largest = float(weights.max()) if n else 0.0
+    probabilities = weights / largest if largest > 0 else weights
+    if largest > 0:
+        probabilities = probabilities / probabilities.sum()
+    # 1 - (1 - p)^D via log1p/expm1: exact for tiny p and huge D, where (1 - p) rounds to 1.
+    expected = (float(-torch.expm1(draws * torch.log1p(-probabilities)).sum()) if draws
+                else 0.0)
 
     def mean(values: torch.Tensor):
         return float(values.mean()) if values.numel() else None
@@ -742,9 +921,12 @@ def summarize(scores: DatasetScores, weights, active, *, alpha: float = ALPHA,
         "examples": n,
         "examples_without_supervised_tokens": int((~supervised).sum()),
         "supervised_tokens": int(scores.tokens.sum()),
-        "selected": int(active.numel()),
-        "selected_fraction": active.numel() / n if n else 0.0,
-        "expected_selected": float((1 - (1 - probabilities) ** draws).sum()),
+        "selected": selected,
+        "selected_fraction": selected / n if n else 0.0,
+        "active_size": int(active.numel()),
+        "keep_duplicates": keep_duplicates,
+        "duplicates": draws - selected,
+        "expected_selected": expected,
         "num_draws": draws,
         "seed": seed,
         "mean_entropy_strong": mean(scores.entropy_strong[supervised]),
@@ -758,3 +940,133 @@ def summarize(scores: DatasetScores, weights, active, *, alpha: float = ALPHA,
                     "entropy_term": entropy_term},
         "dataset_sha256": scores.metadata.get("dataset_sha256"),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# One selection flow: options, the active set, its files
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """Every option of a WD-DS selection, checked when made (before any model is loaded).
+
+    Attributes:
+        alpha, beta, gamma: Eq. 9's coefficients (finite, >= 0, not all 0; stored as floats).
+        normalize: ``"paper"`` or ``"per_term"`` (see ``weight_terms``).
+        entropy_term: ``"strong"`` or ``"weak"`` (see ``weight_terms``).
+        num_draws: draws with replacement, ``1 <= num_draws < 2**63`` (at most ``2**31`` with
+            ``keep_duplicates``); ``None``: the data set's size, the paper's ``|D|``.
+        seed: seed of the draws, ``0 <= seed < 2**63``.
+        keep_duplicates: keep every draw (an example drawn k times is trained k times), as the
+            authors' code does; the paper keeps each drawn example once.
+
+    Raises:
+        TypeError: a field of the wrong type (bools are not numbers here), naming it.
+        ValueError: a field out of range, naming it.
+    """
+
+    alpha: float = ALPHA
+    beta: float = BETA
+    gamma: float = GAMMA
+    normalize: str = "paper"
+    entropy_term: str = "strong"
+    num_draws: Optional[int] = None
+    seed: int = 0
+    keep_duplicates: bool = False
+
+    def __post_init__(self):
+        coefficients = {name: _coefficient(name, getattr(self, name)) for name in TERMS}
+        if not any(coefficients.values()):
+            raise ValueError("alpha, beta and gamma are all 0: every example would have weight 0")
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_choice("entropy_term", self.entropy_term, ENTROPY_TERMS)
+        num_draws = self.num_draws
+        if num_draws is not None:
+            num_draws = _index_count("num_draws", num_draws, 1, MAX_DRAWS + 1)
+        seed = _index_count("seed", self.seed, 0, SEED_LIMIT)
+        check_flag("keep_duplicates", self.keep_duplicates)
+        if self.keep_duplicates and num_draws is not None:
+            _check_kept_draws(num_draws)
+        # Frozen: the normalised values (floats, plain ints) are set past the dataclass guard.
+        for name, value in {**coefficients, "num_draws": num_draws, "seed": seed}.items():
+            object.__setattr__(self, name, value)
+
+    def weight_options(self) -> dict:
+        """The keyword arguments of ``sampling_weights``/``weight_terms``."""
+        return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
+                "normalize": self.normalize, "entropy_term": self.entropy_term}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The result of ``select_active``.
+
+    Attributes:
+        weights: float64 CPU ``[n]``: the sampling probabilities (sum 1).
+        active: int64 CPU ``[k]``: the sorted indices of the active set (with repeats under
+            ``keep_duplicates``, then ``k = num_draws``).
+        summary: ``summarize``'s report of the selection.
+    """
+
+    weights: torch.Tensor
+    active: torch.Tensor
+    summary: dict
+
+
+def select_active(scores: DatasetScores, options: SelectionOptions) -> Selection:
+    """WD-DS from per-example scores: Eq. 9 weights, the draws, their summary.
+
+    The one selection flow of ``wmss select`` and the pipeline: ``sampling_weights`` with
+    ``options.weight_options()``, then ``draw_active`` (``options.num_draws`` draws, ``None``:
+    ``len(scores)``), then ``summarize``.
+
+    Raises:
+        TypeError: ``scores`` not a ``DatasetScores``, ``options`` not a ``SelectionOptions``.
+        ValueError: every example has weight 0 (see ``draw_active``), or ``keep_duplicates``
+            with a data set of more than ``2**31`` examples and no ``num_draws``.
+    """
+    if not isinstance(scores, DatasetScores):
+        raise TypeError(f"scores must be a DatasetScores, got {type(scores).__name__}")
+    if not isinstance(options, SelectionOptions):
+        raise TypeError(f"options must be a SelectionOptions, got {type(options).__name__}")
+    weight_options = options.weight_options()
+    num_draws = len(scores) if options.num_draws is None else options.num_draws
+    weights = sampling_weights(scores.entropy_strong, scores.entropy_weak, **weight_options)
+    active = draw_active(weights, num_draws, seed=options.seed,
+                         keep_duplicates=options.keep_duplicates)
+    summary = summarize(scores, weights, active, num_draws=num_draws, seed=options.seed,
+                        keep_duplicates=options.keep_duplicates, **weight_options)
+    return Selection(weights, active, summary)
+
+
+def save_selection(selection: Selection, directory: str | os.PathLike,
+                   extra_summary: Optional[Mapping] = None) -> None:
+    """Write ``ACTIVE_FILE`` and ``SUMMARY_FILE`` into ``directory`` (created if missing).
+
+    ``ACTIVE_FILE`` is ``selection.active`` as a JSON list of ints; ``SUMMARY_FILE`` is
+    ``selection.summary`` with the entries of ``extra_summary`` (e.g. the data and model paths)
+    added. Each file is written atomically and replaces any file of that name: whether existing
+    files may be replaced is the caller's decision. Both documents are checked to be JSON before
+    either file is touched.
+
+    Raises:
+        TypeError: ``selection`` not a ``Selection``, ``extra_summary`` not a mapping, or a
+            summary value JSON cannot hold.
+        ValueError: ``extra_summary`` would replace one of the summary's own entries, or holds
+            a NaN or infinity.
+    """
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a Selection, got {type(selection).__name__}")
+    directory = os.fspath(directory)
+    extra_summary = {} if extra_summary is None else extra_summary
+    if not isinstance(extra_summary, Mapping):
+        raise TypeError(f"extra_summary must be a dict or None, got "
+                        f"{type(extra_summary).__name__}")
+    clashes = sorted(set(extra_summary) & set(selection.summary))
+    if clashes:
+        raise ValueError(f"extra_summary would replace the summary's own entries {clashes}")
+    summary = {**selection.summary, **extra_summary}
+    json.dumps(summary, allow_nan=False)  # fails here, before the active set is written
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_json(os.path.join(directory, ACTIVE_FILE), selection.active.tolist())
+    atomic_write_json(os.path.join(directory, SUMMARY_FILE), summary, indent=2)
