@@ -1,7 +1,9 @@
 """wmss.pipeline and the ``wmss train`` / ``wmss demo`` commands, end to end on tiny models."""
 
+import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from wmss import cli
 from wmss.demo import DemoSettings, run_demo
 from wmss.pipeline import Pipeline, PipelineConfig
 from wmss.toy import char_tokenizer, tiny_causal_lm
-from wmss.trainer import WMSSTrainer
+from wmss.trainer import MARKER_FILE, WMSSTrainer
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,12 @@ def test_a_rerun_continues_where_an_interrupted_run_stopped(workspace, monkeypat
     assert os.listdir(checkpoints) == ["checkpoint-1"]
     assert (root / "interrupted" / "sft" / "report.json").exists()
     monkeypatch.setattr(WMSSTrainer, "training_step", original)
+    # And a later save was killed halfway (or ran out of disk): checkpoint-2 is half written.
+    half = checkpoints / "checkpoint-2"
+    shutil.copytree(checkpoints / "checkpoint-1", half)
+    (half / MARKER_FILE).unlink()
+    weights_file = half / "strong" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
 
     logged = []
     resumed = Pipeline(config(root, base, data, "interrupted", save_steps=1), log=logged.append,
@@ -145,3 +153,202 @@ def test_cli_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for command in ("demo", "train", "select"):
         assert command in text
+
+
+# ---- the recipe, checked by its results ------------------------------------------------------
+
+class _Recorder:
+    """Records what every WMSSTrainer of a run trained on and what its pair held afterwards."""
+
+    def __init__(self):
+        self.runs = []
+
+    def install(self, patch):
+        original = WMSSTrainer.train
+        recorder = self
+
+        def train(trainer, *args, **kwargs):
+            result = original(trainer, *args, **kwargs)
+            pair = trainer.model
+            recorder.runs.append({
+                "dataset": list(trainer.train_dataset),
+                "strong": {k: v.detach().clone() for k, v in pair.strong.state_dict().items()},
+                "weak": {k: v.detach().clone() for k, v in pair.weak.state_dict().items()}})
+            return result
+
+        patch.setattr(WMSSTrainer, "train", train)
+
+
+def _encoded(data, model_dir, max_length=64):
+    from transformers import AutoTokenizer
+
+    from wmss.data import load_dataset_file
+
+    return load_dataset_file(data, AutoTokenizer.from_pretrained(model_dir), max_length)
+
+
+def _same_state(saved: dict, expected: dict) -> bool:
+    """State dicts compared key by key (tied weights may be stored once)."""
+    return all(torch.equal(saved[k], expected[k]) for k in saved) and set(saved) <= set(expected)
+
+
+@pytest.fixture(scope="module")
+def recorded_round(workspace):
+    """One SFT + one WMSS round with non-default WD-DS options, every trainer recorded."""
+    root, base, data = workspace
+    recorder = _Recorder()
+    with pytest.MonkeyPatch.context() as patch:
+        recorder.install(patch)
+        settings = config(root, base, data, "recorded", rounds=1, normalize="per_term",
+                          entropy_term="weak", seed=3)
+        report = Pipeline(settings, verbose=False).run()
+    return settings, report, recorder.runs[0]
+
+
+def test_the_round_model_is_the_trained_strong_model(recorded_round):
+    settings, report, trained = recorded_round
+    saved = weights(report["final_model"])
+    assert _same_state(saved, trained["strong"])
+    assert not _same_state(saved, trained["weak"])
+
+
+def test_joint_training_runs_on_the_active_set_alone(recorded_round):
+    settings, report, trained = recorded_round
+    out = settings.output_dir
+    active = json.loads(open(os.path.join(out, "round-1", "selection", "active_indices.json")).read())
+    dataset = _encoded(settings.data, os.path.join(out, "sft", "model"))
+    assert 0 < len(active) < len(dataset)
+    assert trained["dataset"] == [dataset[i] for i in active]
+
+
+def test_the_selection_follows_every_wd_ds_option_and_draws_the_data_set_size(recorded_round):
+    from wmss import selection
+
+    settings, report, _ = recorded_round
+    stage = os.path.join(settings.output_dir, "round-1", "selection")
+    scores = selection.DatasetScores.load(os.path.join(stage, "scores.json"))
+    active = json.loads(open(os.path.join(stage, "active_indices.json")).read())
+    n = len(scores)
+
+    summary = json.loads(open(os.path.join(stage, "selection_summary.json")).read())
+
+    def expected(**options):  # what the selection of these options must report
+        settings = dict(normalize="per_term", entropy_term="weak", seed=3, num_draws=n)
+        chosen = selection.select_active(scores, selection.SelectionOptions(**{**settings,
+                                                                              **options}))
+        return chosen.active.tolist(), chosen.summary["expected_selected"]
+
+    want_active, want_expected = expected()
+    assert active == want_active
+    assert summary["expected_selected"] == pytest.approx(want_expected, rel=1e-12)
+    assert summary["num_draws"] == n and summary["seed"] == 3  # |D| draws by default
+    # Each option is visible in the result: any other choice reports another expectation.
+    for other in (dict(normalize="paper"), dict(entropy_term="strong"), dict(num_draws=n - 1)):
+        assert summary["expected_selected"] != pytest.approx(expected(**other)[1], rel=1e-9)
+    assert summary["options"]["normalize"] == "per_term"
+    assert summary["options"]["entropy_term"] == "weak"
+
+
+def test_a_rerun_with_another_seed_is_refused(recorded_round):
+    settings, _, _ = recorded_round
+    with pytest.raises(ValueError, match=r"other settings \(seed\)"):
+        Pipeline(dataclasses.replace(settings, seed=4), verbose=False).run()
+
+
+@pytest.mark.parametrize("option", [
+    ["--lam", "1.5"], ["--alpha", "-1"], ["--num-draws", "0"], ["--max-length", "0"],
+    ["--gap-threshold", "nan"], ["--lr", "0"], ["--rounds", "-1"], ["--sft-epochs", "0"],
+    ["--batch-size", "0"], ["--grad-accum", "0"], ["--warmup-ratio", "1"],
+    ["--alpha", "0", "--beta", "0", "--gamma", "0"], ["--seed", "-1"],
+])
+def test_bad_options_are_refused_before_any_work(workspace, monkeypatch, capsys, option):
+    root, base, data = workspace
+    monkeypatch.setattr("transformers.Trainer.train",
+                        lambda *a, **k: pytest.fail("trained despite a bad option"))
+    out = root / ("bad" + "_".join(option).replace("-", ""))
+    try:
+        code = cli.main(["train", "--base", base, "--data", data, "--output-dir", str(out),
+                         "--cpu", *option])
+    except SystemExit as exit_:  # argparse's refusal of a malformed value
+        code = exit_.code
+    assert code not in (0, None)
+    assert not out.exists()  # nothing recorded: the corrected rerun starts afresh
+    message = capsys.readouterr().err
+    flag = option[0].lstrip("-").replace("-", "_")
+    names = {"lr": "learning_rate", "grad_accum": "gradient_accumulation_steps",
+             "batch_size": "batch_size", "num_draws": "num_draws", "sft_epochs": "sft_epochs"}
+    assert names.get(flag, flag).split("_")[0] in message.replace("-", "_")
+
+
+def test_bad_data_is_refused_before_training_and_the_fixed_rerun_runs(workspace, tmp_path,
+                                                                     monkeypatch):
+    root, base, data = workspace
+    broken = tmp_path / "data.jsonl"
+    lines = open(data).read().splitlines()
+    broken.write_text("\n".join(lines[:3] + ['{"prompt": "1+1=", "completion": null}']) + "\n")
+    settings = config(root, base, str(broken), "bad-data", rounds=0, sft_epochs=0.5)
+    with monkeypatch.context() as patch:
+        patch.setattr("transformers.Trainer.train",
+                      lambda *a, **k: pytest.fail("trained on bad data"))
+        with pytest.raises(ValueError, match=rf"{broken}:4.*completion"):
+            Pipeline(settings, verbose=False).run()
+    assert not (root / "bad-data" / "run.json").exists()
+    broken.write_text("\n".join(lines) + "\n")  # fixed: the same command now runs
+    report = Pipeline(settings, verbose=False).run()
+    assert os.path.isdir(report["final_model"])
+
+
+def test_data_edited_after_the_run_started_is_refused(workspace, tmp_path):
+    root, base, data = workspace
+    edited = tmp_path / "data.jsonl"
+    edited.write_text(open(data).read())
+    settings = config(root, base, str(edited), "edited-data", rounds=0, sft_epochs=0.5)
+    Pipeline(settings, verbose=False).run()
+    lines = open(data).read().splitlines()
+    edited.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same records, other order
+    with pytest.raises(ValueError, match="data file .* changed since the run"):
+        Pipeline(settings, verbose=False).run()
+
+
+def test_relative_paths_mean_the_same_files_from_any_directory(workspace, tmp_path, monkeypatch):
+    root, base, data = workspace
+    monkeypatch.chdir(root)
+    here = PipelineConfig(output_dir="relative", data=os.path.basename(data),
+                          base_model=os.path.basename(base), rounds=0)
+    assert here.data == data and here.base_model == base
+    assert here.output_dir == str(root / "relative")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / os.path.basename(data)).write_text('{"text": "other data"}\n')
+    monkeypatch.chdir(elsewhere)
+    assert PipelineConfig(output_dir=str(root / "relative"), data=os.path.basename(data),
+                          base_model=base, rounds=0).data == str(elsewhere / "data.jsonl")
+
+
+def test_a_second_run_in_a_busy_directory_is_refused_and_writes_nothing(workspace, capsys):
+    from wmss.io import DirectoryInUseError, directory_lock
+
+    root, base, data = workspace
+    out = root / "busy"
+    with directory_lock(out, "a run in progress"):
+        with pytest.raises(DirectoryInUseError, match="a run in progress"):
+            Pipeline(config(root, base, data, "busy", rounds=0), verbose=False).run()
+        assert cli.main(["train", "--base", base, "--data", data, "--output-dir", str(out),
+                         "--cpu", "--rounds", "0"]) == 1
+    assert "in use by another run" in capsys.readouterr().err
+    assert os.listdir(out) == [".wmss.lock"]
+
+
+def test_keep_duplicates_trains_every_draw(workspace, monkeypatch):
+    root, base, data = workspace
+    recorder = _Recorder()
+    recorder.install(monkeypatch)
+    settings = config(root, base, data, "duplicates", base_model=None, weak_model=base,
+                      strong_model=base, rounds=1, keep_duplicates=True, num_draws=30,
+                      wmss_epochs=0.2)
+    Pipeline(settings, verbose=False).run()
+    active = json.loads((root / "duplicates" / "round-1" / "selection" /
+                         "active_indices.json").read_text())
+    assert len(active) == 30 and len(set(active)) < 30 and active == sorted(active)
+    dataset = _encoded(data, base)
+    assert recorder.runs[0]["dataset"] == [dataset[i] for i in active]

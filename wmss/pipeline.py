@@ -8,15 +8,23 @@
 
 Each stage writes ``report.json`` (settings, results, timings) when it finishes; a rerun of the
 same configuration skips finished stages and resumes an interrupted training stage from its last
-Trainer checkpoint. ``run.json`` at the top holds the configuration; rerunning with a different
-one is refused rather than mixing two runs in one directory. Every file is written atomically,
-and a stage's final model directory appears only once complete.
+complete Trainer checkpoint (a checkpoint half written when the run was killed, or when the disk
+filled up, is never resumed from). ``run.json`` at the top holds the configuration and the SHA-256
+of the data file; rerunning with different settings, or after the data file was edited, is
+refused rather than mixing two runs in one directory. Every setting is checked when the
+``PipelineConfig`` is made, and the data when the run starts, before anything is trained or
+``run.json`` written, so a corrected rerun is never refused. Local paths are stored absolute, so
+a rerun from another working directory means the same files. One run at a time holds the
+directory (``wmss.io.directory_lock``). Every file is written atomically, and a stage's final
+model directory appears only once complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import shutil
 import time
@@ -26,11 +34,49 @@ from typing import Callable, Optional
 import torch
 
 from . import defaults
-from .data import Collator, encode_records, load_jsonl, pad_token_id
+from .data import Collator, data_sha256, load_dataset_file, pad_token_id
 from .hf import load_causal_lm
-from .io import atomic_write_json
+from .io import atomic_write_json, directory_lock
+from .selection import SelectionOptions
+from .validation import BACKENDS, check_choice, check_flag, check_gap_threshold, check_lam
 
 RUN_FILE, REPORT_FILE = "run.json", "report.json"
+DTYPES = ("float32", "bfloat16", "float16")
+# Settings that change how a run is carried out but not what it computes: a rerun may change them.
+VOLATILE_SETTINGS = ("output_dir", "logging_steps", "selection_batch_size", "backend", "use_cpu")
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_real(name: str, value, *, low: float, high: float = math.inf,
+                low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        interval = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                    if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
+        raise ValueError(f"{name} must be a finite number {'in ' if math.isfinite(high) else ''}"
+                         f"{interval}, got {value}")
+    return value
+
+
+def _absolute_if_local(path: Optional[str]) -> Optional[str]:
+    """A local path made absolute (so a rerun elsewhere means the same files); hub names as given."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a path or hub name, got {type(path).__name__}")
+    path = os.fspath(path)
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
 @dataclass
@@ -55,7 +101,9 @@ class PipelineConfig:
     beta: float = defaults.BETA
     gamma: float = defaults.GAMMA
     normalize: str = "paper"
+    entropy_term: str = "strong"
     num_draws: Optional[int] = None
+    keep_duplicates: bool = False
     gap_threshold: Optional[float] = None
     train_weak: bool = True
     sft_epochs: float = defaults.SFT_EPOCHS
@@ -78,22 +126,64 @@ class PipelineConfig:
     extra_training_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        """Checks every setting (``TypeError``/``ValueError`` naming it) before any work starts."""
         if self.base_model is None and (self.weak_model is None or self.strong_model is None):
             raise ValueError("give base_model (SFT warm-up first) or both weak_model and "
                              "strong_model")
         if self.base_model is not None and (self.weak_model or self.strong_model):
             raise ValueError("give base_model or a weak_model/strong_model pair, not both")
-        if self.rounds < 0 or (self.rounds == 0 and self.base_model is None):
-            raise ValueError(f"rounds must be >= 1 (or 0 with base_model: SFT only), got "
-                             f"{self.rounds}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("output_dir", "data"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+                raise TypeError(f"{name} must be a path, got {value!r}")
+        if not os.path.isfile(self.data):
+            raise ValueError(f"data: no such file: {self.data}")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ValueError(f"output_dir {self.output_dir} exists and is not a directory")
+        self.output_dir = os.path.abspath(self.output_dir)
+        for name in ("data", "base_model", "weak_model", "strong_model", "tokenizer"):
+            setattr(self, name, _absolute_if_local(getattr(self, name)))
+        _check_int("rounds", self.rounds, 0)
+        if self.rounds == 0 and self.base_model is None:
+            raise ValueError("rounds must be >= 1 (or 0 with base_model: SFT only), got 0")
+        self.lam = check_lam(self.lam)
+        self.gap_threshold = check_gap_threshold(self.gap_threshold)
+        self.selection_options()  # alpha, beta, gamma, normalize, entropy_term, draws, seed
+        check_flag("train_weak", self.train_weak)
+        for name in ("sft_epochs", "wmss_epochs", "learning_rate"):
+            setattr(self, name, _check_real(name, getattr(self, name), low=0.0, low_open=True))
+        self.warmup_ratio = _check_real("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0,
+                                        high_open=True)
+        self.max_grad_norm = _check_real("max_grad_norm", self.max_grad_norm, low=0.0)
+        _check_int("max_length", self.max_length, 2)  # one input and one target at least
+        for name in ("batch_size", "gradient_accumulation_steps", "selection_batch_size",
+                     "save_steps", "logging_steps"):
+            _check_int(name, getattr(self, name), 1)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("backend", self.backend, BACKENDS)
+        for name in ("bf16", "activation_checkpointing", "use_cpu"):
+            check_flag(name, getattr(self, name))
+        if not isinstance(self.extra_training_args, dict):
+            raise TypeError("extra_training_args must be a dict of TrainingArguments fields, got "
+                            f"{type(self.extra_training_args).__name__}")
+        from transformers import TrainingArguments
+
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        unknown = sorted(set(self.extra_training_args) - fields)
+        if unknown:
+            raise ValueError(f"extra_training_args: not TrainingArguments fields: {unknown}")
+
+    def selection_options(self) -> SelectionOptions:
+        """The WD-DS options of every round (validated by ``SelectionOptions``)."""
+        return SelectionOptions(alpha=self.alpha, beta=self.beta, gamma=self.gamma,
+                                normalize=self.normalize, entropy_term=self.entropy_term,
+                                num_draws=self.num_draws, seed=self.seed,
+                                keep_duplicates=self.keep_duplicates)
 
     def fingerprint(self) -> dict:
         """The settings that define the run (a rerun must match them to continue)."""
         settings = dataclasses.asdict(self)
-        for volatile in ("output_dir", "logging_steps", "selection_batch_size", "backend",
-                         "use_cpu"):
+        for volatile in VOLATILE_SETTINGS:
             settings.pop(volatile)
         return settings
 
@@ -133,6 +223,11 @@ class Pipeline:
     # ---- setup -------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
+        """Check the data and the directory's earlier run, then record this run in ``run.json``.
+
+        Everything that can refuse the run happens before ``run.json`` is written, so a run
+        refused for bad data can be rerun once the data is fixed.
+        """
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -140,20 +235,26 @@ class Pipeline:
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
 
-        os.makedirs(self.root, exist_ok=True)
-        wanted = self.config.fingerprint()
+        c = self.config
+        wanted = {"config": c.fingerprint(), "data_sha256": data_sha256(c.data)}
         existing = _read_json(os.path.join(self.root, RUN_FILE))
-        if existing is not None and existing["config"] != wanted:
-            changed = sorted(k for k in wanted if existing["config"].get(k) != wanted[k])
-            raise ValueError(f"{self.root} holds a run with other settings ({', '.join(changed)}); "
-                             "use a new output directory to start another run")
-        if existing is None:
-            atomic_write_json(os.path.join(self.root, RUN_FILE), {"config": wanted}, indent=2)
-        source = (self.config.tokenizer or self.config.base_model or self.config.strong_model)
+        if existing is not None:
+            if existing.get("config") != wanted["config"]:
+                old = existing.get("config") or {}
+                changed = sorted(k for k in wanted["config"] if old.get(k) != wanted["config"][k])
+                raise ValueError(f"{self.root} holds a run with other settings "
+                                 f"({', '.join(changed)}); use a new output directory to start "
+                                 "another run")
+            if existing.get("data_sha256") != wanted["data_sha256"]:
+                raise ValueError(f"the data file {c.data} changed since the run in {self.root} "
+                                 "started (its SHA-256 differs); the run's stages index its "
+                                 "records, so restore the file or start a new output directory")
+        source = c.tokenizer or c.base_model or c.strong_model
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        records = load_jsonl(self.config.data)
-        self.dataset = encode_records(records, self.tokenizer, self.config.max_length)
-        self.log(f"[wmss] {len(self.dataset)} examples from {self.config.data}")
+        self.dataset = load_dataset_file(c.data, self.tokenizer, c.max_length)
+        if existing is None:
+            atomic_write_json(os.path.join(self.root, RUN_FILE), wanted, indent=2)
+        self.log(f"[wmss] {len(self.dataset)} examples from {c.data}")
 
     def _training_args(self, output_dir: str, epochs: float):
         from .trainer import training_arguments
@@ -170,12 +271,23 @@ class Pipeline:
             disable_tqdm=True, **c.extra_training_args)
 
     def _train(self, trainer, checkpoints: str):
-        """``trainer.train()``, resuming from the stage's last checkpoint if there is one."""
+        """``trainer.train()``, resuming from the stage's last complete checkpoint if any."""
         from transformers import PrinterCallback
+
+        from .trainer import (CompleteCheckpointMarker, last_complete_checkpoint,
+                              set_aside_incomplete_checkpoints)
 
         if not self.verbose:
             trainer.remove_callback(PrinterCallback)
-        return trainer.train(resume_from_checkpoint=self._resume_point(checkpoints))
+        if not any(isinstance(cb, CompleteCheckpointMarker)
+                   for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(CompleteCheckpointMarker())  # the SFT stage's plain Trainer
+        resume = last_complete_checkpoint(checkpoints)
+        # A save interrupted by a kill or a full disk left a newer checkpoint without the marker:
+        # moved aside, so the resumed run's save of that step does not write into it.
+        step = int(resume.rsplit("-", 1)[1]) if resume else 0
+        set_aside_incomplete_checkpoints(checkpoints, after_step=step)
+        return trainer.train(resume_from_checkpoint=resume)
 
     def _stage(self, name: str, work: Callable[[str], dict]) -> dict:
         """Run ``work(stage_dir)`` unless the stage already finished; record its report."""
@@ -192,12 +304,6 @@ class Pipeline:
         report["seconds"] = round(time.perf_counter() - start, 3)
         atomic_write_json(report_path, report, indent=2)
         return report
-
-    @staticmethod
-    def _resume_point(checkpoints: str) -> Optional[str]:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(checkpoints) if os.path.isdir(checkpoints) else None
 
     # ---- stages ------------------------------------------------------------------------------
 
@@ -217,6 +323,7 @@ class Pipeline:
                 "log": trainer.state.log_history}
 
     def _select(self, stage_dir: str, weak: str, strong: str) -> dict:
+        """WD-DS, the same flow and files as ``wmss select`` (scores, active set, summary)."""
         from . import selection
 
         c = self.config
@@ -225,19 +332,16 @@ class Pipeline:
             strong_model, weak_model = strong_model.cuda(), weak_model.cuda()
         scores = selection.score_dataset(
             strong_model, weak_model, self.dataset, batch_size=c.selection_batch_size,
-            pad_token_id=pad_token_id(self.tokenizer), output=os.path.join(stage_dir, "scores.json"),
-            backend=c.backend, progress=False)
+            pad_token_id=pad_token_id(self.tokenizer),
+            output=os.path.join(stage_dir, selection.SCORES_FILE), backend=c.backend,
+            progress=False)
         del strong_model, weak_model
-        weights = selection.sampling_weights(scores.entropy_strong, scores.entropy_weak,
-                                             alpha=c.alpha, beta=c.beta, gamma=c.gamma,
-                                             normalize=c.normalize)
-        active = selection.draw_active(weights, c.num_draws, seed=c.seed)
-        atomic_write_json(os.path.join(stage_dir, "active_indices.json"), active.tolist())
-        summary = selection.summarize(scores, weights, active, alpha=c.alpha, beta=c.beta,
-                                      gamma=c.gamma, normalize=c.normalize,
-                                      num_draws=c.num_draws, seed=c.seed)
-        self.log(f"[wmss] selected {len(active)} of {len(self.dataset)} examples")
-        return {"weak": weak, "strong": strong, "active": len(active), "summary": summary}
+        chosen = selection.select_active(scores, c.selection_options())
+        selection.save_selection(chosen, stage_dir, extra_summary={
+            "data": c.data, "models": {"strong": strong, "weak": weak}})
+        self.log(f"[wmss] selected {len(chosen.active)} of {len(self.dataset)} examples")
+        return {"weak": weak, "strong": strong, "active": len(chosen.active),
+                "summary": chosen.summary}
 
     def _joint_train(self, stage_dir: str, weak: str, strong: str, active: list[int]) -> dict:
         from .pair import apply_wmss
@@ -260,6 +364,13 @@ class Pipeline:
                 "log": trainer.state.log_history}
 
     def run(self) -> dict:
+        """Every stage not finished yet, holding the output directory's lock throughout."""
+        with directory_lock(self.root, "wmss train"):
+            return self._run()
+
+    def _run(self) -> dict:
+        from .selection import ACTIVE_FILE
+
         self._prepare()
         c = self.config
         stages = []
@@ -272,8 +383,7 @@ class Pipeline:
         for t in range(1, c.rounds + 1):
             selection = self._stage(f"round-{t}/selection",
                                     lambda d: self._select(d, weak, strong))
-            active = _read_json(os.path.join(self.root, f"round-{t}", "selection",
-                                             "active_indices.json"))
+            active = _read_json(os.path.join(self.root, f"round-{t}", "selection", ACTIVE_FILE))
             trained = self._stage(f"round-{t}/train",
                                   lambda d: self._joint_train(d, weak, strong, active))
             stages += [selection, trained]

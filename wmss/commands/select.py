@@ -201,9 +201,8 @@ def _select(args) -> int:
     device = _device(args.device)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir} exists and is not a directory")
-    records = data.load_jsonl(args.data)
     tokenizer = AutoTokenizer.from_pretrained(args.strong)
-    dataset = data.encode_records(records, tokenizer, args.max_length)
+    dataset = data.load_dataset_file(args.data, tokenizer, args.max_length)  # errors: file:line
     for model in (args.strong, args.weak):
         AutoConfig.from_pretrained(model)  # a path that is no model fails here, not later
 

@@ -1,12 +1,18 @@
-"""``wmss train``: the WMSS pipeline (SFT warm-up, WD-DS selection, joint training, K rounds)."""
+"""``wmss train``: the WMSS pipeline (SFT warm-up, WD-DS selection, joint training, K rounds).
+
+The selection options are ``wmss select``'s own (one definition, ``add_selection_arguments``), and
+every option is checked (``PipelineConfig``) before anything is loaded or trained.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 
 from .. import defaults
+from ..io import DirectoryInUseError
 from ..pipeline import Pipeline, PipelineConfig
-
+from .select import add_selection_arguments, selection_options
 
 
 def add_arguments(parser) -> None:
@@ -21,12 +27,9 @@ def add_arguments(parser) -> None:
                         help="one folder per stage; rerunning continues where it stopped")
     method = parser.add_argument_group("method (paper defaults)")
     method.add_argument("--rounds", type=int, default=defaults.ROUNDS)
-    method.add_argument("--lam", type=float, default=defaults.LAMBDA)
-    method.add_argument("--alpha", type=float, default=defaults.ALPHA)
-    method.add_argument("--beta", type=float, default=defaults.BETA)
-    method.add_argument("--gamma", type=float, default=defaults.GAMMA)
-    method.add_argument("--normalize", choices=("paper", "per_term"), default="paper")
-    method.add_argument("--num-draws", type=int, help="WD-DS draws (default: the data set size)")
+    method.add_argument("--lam", type=float, default=defaults.LAMBDA,
+                        help="weight of the strong logits in the mixture, in [0, 1] "
+                             "(default %(default)s)")
     method.add_argument("--gap-threshold", type=float, help="gap masking threshold (default: off)")
     method.add_argument("--frozen-weak", action="store_true",
                         help="do not train the weak model (paper App. B.1)")
@@ -44,24 +47,36 @@ def add_arguments(parser) -> None:
     training.add_argument("--bf16", action="store_true", help="bf16 autocast (Trainer's bf16)")
     training.add_argument("--activation-checkpointing", action="store_true")
     training.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    training.add_argument("--seed", type=int, default=0)
     training.add_argument("--save-steps", type=int, default=500)
     training.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
+    add_selection_arguments(parser.add_argument_group(
+        "WD-DS selection (as wmss select; --seed also seeds training)"))
+
+
+def config_from_args(args) -> PipelineConfig:
+    """The ``PipelineConfig`` of parsed ``wmss train`` arguments (checks every setting)."""
+    options = selection_options(args)
+    return PipelineConfig(
+        output_dir=args.output_dir, data=args.data, base_model=args.base, weak_model=args.weak,
+        strong_model=args.strong, tokenizer=args.tokenizer, rounds=args.rounds, lam=args.lam,
+        alpha=options.alpha, beta=options.beta, gamma=options.gamma,
+        normalize=options.normalize, entropy_term=options.entropy_term,
+        num_draws=options.num_draws, keep_duplicates=options.keep_duplicates,
+        gap_threshold=args.gap_threshold, train_weak=not args.frozen_weak,
+        sft_epochs=args.sft_epochs, wmss_epochs=args.wmss_epochs, learning_rate=args.lr,
+        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, dtype=args.dtype, bf16=args.bf16,
+        activation_checkpointing=args.activation_checkpointing, backend=args.backend,
+        seed=options.seed, save_steps=args.save_steps, use_cpu=args.cpu)
 
 
 def run(args) -> int:
-    config = PipelineConfig(
-        output_dir=args.output_dir, data=args.data, base_model=args.base, weak_model=args.weak,
-        strong_model=args.strong, tokenizer=args.tokenizer, rounds=args.rounds, lam=args.lam,
-        alpha=args.alpha, beta=args.beta, gamma=args.gamma, normalize=args.normalize,
-        num_draws=args.num_draws, gap_threshold=args.gap_threshold,
-        train_weak=not args.frozen_weak, sft_epochs=args.sft_epochs,
-        wmss_epochs=args.wmss_epochs, learning_rate=args.lr, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm, max_length=args.max_length, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, dtype=args.dtype, bf16=args.bf16,
-        activation_checkpointing=args.activation_checkpointing, backend=args.backend,
-        seed=args.seed, save_steps=args.save_steps, use_cpu=args.cpu)
-    report = Pipeline(config).run()
+    try:
+        report = Pipeline(config_from_args(args)).run()
+    except (ValueError, TypeError, DirectoryInUseError) as error:  # bad input: a message
+        print(f"wmss train: error: {error}", file=sys.stderr)
+        return 1
     print(json.dumps({"final_model": report["final_model"],
                       "stages": [{k: v for k, v in stage.items()
                                   if k in ("stage", "seconds", "train_loss", "active")}
