@@ -352,3 +352,40 @@ def test_keep_duplicates_trains_every_draw(workspace, monkeypatch):
     assert len(active) == 30 and len(set(active)) < 30 and active == sorted(active)
     dataset = _encoded(data, base)
     assert recorder.runs[0]["dataset"] == [dataset[i] for i in active]
+
+
+def test_a_kill_between_saving_a_model_and_its_report_resumes_from_the_checkpoints(workspace,
+                                                                                 monkeypatch):
+    import transformers
+
+    import wmss.pipeline
+
+    root, base, data = workspace
+    straight = Pipeline(config(root, base, data, "sft-straight", rounds=0, save_steps=1),
+                        verbose=False).run()
+    real_write = wmss.pipeline.atomic_write_json
+
+    def killed_at_the_report(path, *args, **kwargs):
+        if str(path).endswith(os.path.join("sft", "report.json")):
+            raise KeyboardInterrupt("killed before the report")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(wmss.pipeline, "atomic_write_json", killed_at_the_report)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(config(root, base, data, "sft-killed", rounds=0, save_steps=1),
+                 verbose=False).run()
+    assert os.listdir(root / "sft-killed" / "sft" / "checkpoints")  # kept for the rerun
+    monkeypatch.setattr(wmss.pipeline, "atomic_write_json", real_write)
+
+    resumed_from = []
+    real_train = transformers.Trainer.train
+    monkeypatch.setattr(transformers.Trainer, "train", lambda self, resume_from_checkpoint=None,
+                        **kw: resumed_from.append(resume_from_checkpoint) or
+                        real_train(self, resume_from_checkpoint=resume_from_checkpoint, **kw))
+    rerun = Pipeline(config(root, base, data, "sft-killed", rounds=0, save_steps=1),
+                     verbose=False).run()
+    assert resumed_from and resumed_from[0] is not None
+    assert not (root / "sft-killed" / "sft" / "checkpoints").exists()
+    saved = weights(rerun["final_model"])
+    for name, want in weights(straight["final_model"]).items():
+        assert torch.allclose(saved[name], want, rtol=1e-5, atol=1e-6), name

@@ -40,7 +40,7 @@ from .io import atomic_write_json, directory_lock
 from .selection import SelectionOptions
 from .validation import BACKENDS, check_choice, check_flag, check_gap_threshold, check_lam
 
-RUN_FILE, REPORT_FILE = "run.json", "report.json"
+RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
 DTYPES = ("float32", "bfloat16", "float16")
 # Settings that change how a run is carried out but not what it computes: a rerun may change them.
 VOLATILE_SETTINGS = ("output_dir", "logging_steps", "selection_batch_size", "backend", "use_cpu")
@@ -303,6 +303,8 @@ class Pipeline:
         report = {"stage": name, **work(stage_dir)}
         report["seconds"] = round(time.perf_counter() - start, 3)
         atomic_write_json(report_path, report, indent=2)
+        # Only now: a kill before the report was written resumes from these checkpoints.
+        shutil.rmtree(os.path.join(stage_dir, CHECKPOINTS_DIR), ignore_errors=True)
         return report
 
     # ---- stages ------------------------------------------------------------------------------
@@ -311,13 +313,12 @@ class Pipeline:
         from transformers import Trainer
 
         model = load_causal_lm(base, self.config.dtype)
-        checkpoints = os.path.join(stage_dir, "checkpoints")
+        checkpoints = os.path.join(stage_dir, CHECKPOINTS_DIR)
         trainer = Trainer(model=model, args=self._training_args(checkpoints, self.config.sft_epochs),
                           train_dataset=self.dataset, processing_class=self.tokenizer,
                           data_collator=Collator(pad_token_id(self.tokenizer)))
         result = self._train(trainer, checkpoints)
         _save_model_atomically(model, self.tokenizer, os.path.join(stage_dir, "model"))
-        shutil.rmtree(checkpoints, ignore_errors=True)
         return {"model": os.path.join(stage_dir, "model"), "base": base,
                 "train_loss": result.training_loss, "steps": result.global_step,
                 "log": trainer.state.log_history}
@@ -351,14 +352,13 @@ class Pipeline:
         pair = apply_wmss(load_causal_lm(strong, c.dtype), load_causal_lm(weak, c.dtype),
                           lam=c.lam, train_weak=c.train_weak, gap_threshold=c.gap_threshold,
                           backend=c.backend)
-        checkpoints = os.path.join(stage_dir, "checkpoints")
+        checkpoints = os.path.join(stage_dir, CHECKPOINTS_DIR)
         trainer = WMSSTrainer(pair, self._training_args(checkpoints, c.wmss_epochs),
                               train_dataset=[self.dataset[i] for i in active],
                               processing_class=self.tokenizer)
         result = self._train(trainer, checkpoints)
         model_dir = os.path.join(os.path.dirname(stage_dir), "model")
         _save_model_atomically(pair, self.tokenizer, model_dir)
-        shutil.rmtree(checkpoints, ignore_errors=True)
         return {"weak": weak, "strong": strong, "model": model_dir,
                 "train_loss": result.training_loss, "steps": result.global_step,
                 "log": trainer.state.log_history}
