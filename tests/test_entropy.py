@@ -6,6 +6,9 @@ from conftest import BACKENDS, DEVICE, TOLERANCE, assert_close
 
 import wmss
 
+# float64 inputs are computed in float64 throughout (backends "torch" and "reference").
+FLOAT64_TOLERANCE = 1e-12
+
 
 def entropy64(hidden, weight, bias=None, softcap=None):
     z = hidden.double() @ weight.double().T
@@ -27,6 +30,28 @@ def test_entropy_matches_float64(backend, dtype):
         got = wmss.token_entropy(hidden, weight, backend=backend, **options)
         assert got.shape == (4, 9) and got.dtype == torch.float32 and not got.requires_grad
         assert_close(got, entropy64(hidden, weight, **options), TOLERANCE[dtype], str(options))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_float64_inputs_give_float64_accurate_entropies(backend):
+    hidden = torch.randn(4, 9, 56, device=DEVICE, dtype=torch.float64)
+    weight = torch.randn(517, 56, device=DEVICE, dtype=torch.float64) * 0.4
+    bias = torch.randn(517, device=DEVICE, dtype=torch.float64)
+    for options in (dict(), dict(bias=bias, softcap=3.0)):
+        got = wmss.token_entropy(hidden, weight, backend=backend, **options)
+        assert got.dtype == torch.float64
+        assert_close(got, entropy64(hidden, weight, **options), FLOAT64_TOLERANCE, str(options))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_the_inputs_but_the_logits_still_accumulate_in_float32(backend):
+    hidden = torch.randn(4, 9, 56, device=DEVICE)
+    weight = torch.randn(517, 56, device=DEVICE) * 0.4
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got = wmss.token_entropy(hidden, weight, backend=backend)
+    assert got.dtype == torch.float32
+    expected = entropy64(hidden.bfloat16(), weight.bfloat16())
+    assert_close(got, expected, TOLERANCE[torch.float32], "entropy under autocast")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,6 +22,9 @@ import wmss
 STAT_FIELDS = ("entropy_strong", "entropy_weak", "logprob_strong", "logprob_weak", "logprob_mix")
 # Statistics can be ~0 everywhere (near one-hot distributions); float32 resolves ~1e-7 of them.
 STAT_ATOL = 1e-6
+# float64 inputs are computed in float64 throughout (backends "torch" and "reference").
+FLOAT64_TOLERANCE = 1e-12
+TOLERANCES = {**TOLERANCE, torch.float64: FLOAT64_TOLERANCE}
 
 OPTIONS = {
     "paper": dict(),
@@ -41,21 +44,31 @@ def run(inputs, labels, backend, **options):
     return loss, stats, {k: v.grad for k, v in leaves.items()}
 
 
+def result_dtype(inputs) -> torch.dtype:
+    """The loss and statistics are float64 when either model's inputs are, else float32."""
+    float64 = any(v.dtype == torch.float64 for v in inputs.values())
+    return torch.float64 if float64 else torch.float32
+
+
 def check_against_truth(inputs, labels, backend, dtype, upstream=None, **options):
+    """Per-token loss, statistics and every gradient against float64, at ``dtype``'s tolerance
+    (the least precise dtype among the inputs)."""
     expected = truth(inputs, labels, upstream=upstream,
                      **{k: options[k] for k in ("lam", "softcap", "gap_threshold", "train_weak",
                                                 "ignore_index") if k in options})
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     loss, stats = wmss.fused_loss(**leaves, labels=labels, backend=backend, return_stats=True,
                                   reduction="none", **options)
-    assert loss.dtype == torch.float32 and loss.shape == labels.shape
-    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
-    tol = TOLERANCE[dtype]
+    out_dtype = result_dtype(inputs)
+    assert loss.dtype == out_dtype and loss.shape == labels.shape
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream.to(out_dtype))
+    tol = TOLERANCES[dtype]
+    atol = STAT_ATOL if dtype != torch.float64 else FLOAT64_TOLERANCE
     assert_close(loss.reshape(-1), expected.loss, tol, "per-token loss")
     for name in STAT_FIELDS:
         got = getattr(stats, name)
-        assert got.dtype == torch.float32 and got.shape == labels.shape
-        assert_close(got.reshape(-1), getattr(expected, name), tol, name, atol=STAT_ATOL)
+        assert got.dtype == out_dtype and got.shape == labels.shape
+        assert_close(got.reshape(-1), getattr(expected, name), tol, name, atol=atol)
     assert torch.equal(stats.mixed.reshape(-1).cpu(), expected.mixed.cpu())
     for name, leaf in leaves.items():
         want = expected.grads.get(name)
@@ -363,3 +376,149 @@ def test_half_precision_gradients_are_as_accurate_as_their_dtype_for_any_token_c
             assert ratio <= HALF_PRECISION_ERROR_RATIO[dtype], (
                 f"num_items_in_batch={num_items}: d loss / d {name} is {ratio:.2f}x the "
                 f"rounding error of the exact gradient in {dtype}")
+
+
+def with_small_blocks(monkeypatch):
+    """The torch engine with blocks smaller than the test shapes: several vocabulary and token
+    blocks, so the online statistics are merged across blocks."""
+    from wmss import backends
+
+    engine = backends.engine("torch")
+    monkeypatch.setattr(engine, "token_block", 16)
+    monkeypatch.setattr(engine, "vocab_block", 64)
+
+
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_float64_inputs_give_float64_accurate_loss_gradients_and_stats(backend, options,
+                                                                      monkeypatch):
+    with_small_blocks(monkeypatch)
+    options = dict(options)
+    inputs, labels = make_inputs(dtype=torch.float64, bias=options.pop("bias", False))
+    upstream = torch.rand(labels.shape, device=DEVICE, dtype=torch.float64)
+    check_against_truth(inputs, labels, backend, torch.float64, upstream=upstream, **options)
+
+
+def check_mixed_pair(backend, strong_dtype, weak_dtype):
+    """Each model keeps its own dtype; the pair is computed in float64 if either model is
+    float64, and is as accurate as its less precise model."""
+    inputs, labels = make_inputs(bias=True)
+    inputs = {k: v.detach().to(strong_dtype if k.startswith("strong") else weak_dtype)
+              for k, v in inputs.items()}
+    lower = max((strong_dtype, weak_dtype), key=lambda dtype: TOLERANCES[dtype])
+    check_against_truth(inputs, labels, backend, lower, lam=0.3, softcap=5.0, gap_threshold=0.0)
+
+
+# (strong dtype, weak dtype); backend="triton" refuses float64 (see test_validation).
+FLOAT64_PAIRS = {
+    "float64-float32": (torch.float64, torch.float32),
+    "float32-float64": (torch.float32, torch.float64),
+    "float64-bfloat16": (torch.float64, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("pair", list(FLOAT64_PAIRS.values()), ids=list(FLOAT64_PAIRS))
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_float64_model_mixes_with_a_less_precise_one_at_its_precision(backend, pair,
+                                                                        monkeypatch):
+    with_small_blocks(monkeypatch)
+    check_mixed_pair(backend, *pair)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float32_model_mixes_with_a_bfloat16_one_at_bfloat16_precision(backend, monkeypatch):
+    with_small_blocks(monkeypatch)
+    check_mixed_pair(backend, torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_inside_autocast_matches_float64_of_the_cast_inputs(backend):
+    """Forward and backward both inside ``torch.autocast`` (a training step written that way)."""
+    inputs, labels = make_inputs(dtype=torch.float32, bias=True)
+    expected = truth({k: v.detach().to(torch.bfloat16) for k, v in inputs.items()}, labels,
+                     softcap=5.0)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = wmss.fused_loss(**leaves, labels=labels, backend=backend, reduction="sum",
+                               softcap=5.0)
+        loss.backward()
+    tol = TOLERANCE[torch.bfloat16]
+    assert loss.dtype == torch.float32
+    assert_close(loss, expected.loss.sum(), tol, "loss")
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == torch.float32, name
+        assert_close(leaf.grad, expected.grads[name], tol, name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_autocast_leaves_a_float64_model_in_float64_as_linear_does(backend):
+    inputs, labels = make_inputs(dtype=torch.float32)
+    inputs.update({k: v.detach().double().requires_grad_() for k, v in inputs.items()
+                   if k.startswith("strong")})
+    expected = truth({k: v if k.startswith("strong") else v.detach().to(torch.bfloat16)
+                      for k, v in inputs.items()}, labels)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = wmss.fused_loss(**inputs, labels=labels, backend=backend, reduction="sum")
+    loss.backward()
+    assert loss.dtype == torch.float64
+    assert_close(loss, expected.loss.sum(), TOLERANCE[torch.bfloat16], "loss")
+    for name, leaf in inputs.items():
+        assert_close(leaf.grad, expected.grads[name], TOLERANCE[torch.bfloat16], name)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_backward_inside_autocast_keeps_the_precision_of_its_forward(backend):
+    """A float32 forward outside autocast, its backward inside: float32 gradients, not bf16.
+    (Not "reference": plain autograd runs its backward matrix products under autocast on CPU.)"""
+    inputs, labels = make_inputs(dtype=torch.float32)
+    expected = truth(inputs, labels)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    loss = wmss.fused_loss(**leaves, labels=labels, backend=backend, reduction="sum")
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss.backward()
+    for name, leaf in leaves.items():
+        assert_close(leaf.grad, expected.grads[name], TOLERANCE[torch.float32], name)
+
+
+# backward(create_graph=True) warns of a reference cycle before it reaches the refusal.
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_double_backward_is_refused_by_the_fused_backends(backend):
+    """A gradient penalty needs the derivative of the gradient, which the fused backward has
+    not: asking for its graph raises at once, instead of a penalty whose gradient is 0."""
+    inputs, labels = make_inputs()
+    loss = wmss.fused_loss(**inputs, labels=labels, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward .* not supported .* "
+                                           "backend='reference'"):
+        torch.autograd.grad(loss, inputs["strong_weight"], create_graph=True)
+    loss = wmss.fused_loss(**inputs, labels=labels, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        loss.backward(create_graph=True)
+
+
+def mixed_mean_loss64(x: dict, labels: torch.Tensor, lam: float) -> torch.Tensor:
+    """The paper's loss (mean over supervised tokens), differentiable to any order, in float64."""
+    z_m = (lam * x["strong_hidden"] @ x["strong_weight"].T
+           + (1 - lam) * x["weak_hidden"] @ x["weak_weight"].T)
+    return F.cross_entropy(z_m.reshape(-1, z_m.shape[-1]), labels.reshape(-1))
+
+
+def test_the_reference_backend_differentiates_a_gradient_penalty_exactly():
+    """What the refusal above recommends: d/dtheta (loss + ||d loss / d W_strong||^2)."""
+    inputs, labels = make_inputs(dtype=torch.float64)
+
+    def penalised_grads(loss_fn):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        loss = loss_fn(leaves)
+        (grad,) = torch.autograd.grad(loss, leaves["strong_weight"], create_graph=True)
+        (loss + grad.square().sum()).backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    expected = penalised_grads(lambda x: mixed_mean_loss64(x, labels, 0.3))
+    got = penalised_grads(lambda x: wmss.fused_loss(**x, labels=labels, lam=0.3,
+                                                    backend="reference"))
+    first_order = truth(inputs, labels, lam=0.3).grads["strong_hidden"] / (labels != -100).sum()
+    # The penalty's term is not negligible: a first-order gradient alone would fail.
+    assert relative_error(first_order, expected["strong_hidden"]) > 1e-3
+    for name in inputs:
+        assert_close(got[name], expected[name], FLOAT64_TOLERANCE, name)

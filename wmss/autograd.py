@@ -4,16 +4,26 @@ The Function returns the per-token loss (differentiable) and the per-token stati
 differentiable). Reductions happen outside, in plain PyTorch, so the backward receives each
 token's upstream gradient ``c_n`` and asks the engine for the gradients of ``sum_n c_n loss_n``,
 computing only those that ``ctx.needs_input_grad`` asks for.
+
+The engines' backward is itself a fused computation, not a graph of differentiable operations:
+a backward with ``create_graph=True`` (double backward) is refused, not answered with gradients
+that autograd would treat as constants (which would silently drop every second-order term).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from wmss_kernels.results import GradRequest, MixedTokenStats
 
 from .validation import MixedLossSpec
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "wmss.fused_loss: double backward (a backward with create_graph=True, e.g. for a gradient "
+    "penalty) is not supported by the fused backends 'torch' and 'triton': their gradients come "
+    "from fused kernels that have no derivative of their own. Use backend='reference' (it "
+    "materialises the [tokens, vocab] logits), which autograd differentiates to any order.")
 
 
 def _cast(grad, like):
@@ -32,13 +42,22 @@ class MixedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
                               weak_bias, labels, stats.max_strong, stats.logsum_strong,
                               stats.max_mix, stats.logsum_mix, stats.mixed)
-        ctx.spec, ctx.engine = spec, engine
+        ctx.spec, ctx.engine, ctx.device_type = spec, engine, labels.device.type
         ctx.mark_non_differentiable(*stats[1:])
         return tuple(stats)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *unused_stat_grads):
+        # Autograd enables grad mode in a backward exactly when it runs with create_graph=True.
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        # A backward called inside torch.autocast runs under it too: the engines' products must
+        # see the dtypes their forward saw, not autocast's.
+        with torch.autocast(ctx.device_type, enabled=False):
+            return MixedCrossEntropy._gradients(ctx, grad_loss)
+
+    @staticmethod
+    def _gradients(ctx, grad_loss):
         (strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias, labels,
          max_strong, logsum_strong, max_mix, logsum_mix, mixed) = ctx.saved_tensors
         spec: MixedLossSpec = ctx.spec
@@ -48,7 +67,8 @@ class MixedCrossEntropy(torch.autograd.Function):
             return (None,) * 9
 
         supervised = labels != spec.ignore_index
-        upstream = torch.where(supervised, grad_loss.float(), 0.0)
+        # In the dtype of the saved statistics: float32, or float64 for float64 inputs.
+        upstream = torch.where(supervised, grad_loss.to(max_mix.dtype), 0.0)
         coef_mix = torch.where(mixed, upstream, 0.0)
         coef_strong = None
         if spec.gap_threshold is not None:

@@ -1,4 +1,5 @@
-"""Choosing a backend: ``"auto"`` is Triton on CUDA and chunked PyTorch everywhere else.
+"""Choosing a backend: ``"auto"`` is Triton on CUDA and chunked PyTorch everywhere else (and for
+dtypes the Triton kernels do not support: float64).
 
 An engine provides three operations on flat inputs (hidden ``[N, d]``, weight ``[V, d]``, bias
 ``[V]``, labels ``[N]``): ``mixed_forward`` and ``mixed_backward`` of the mixed loss, and
@@ -30,10 +31,15 @@ def _engine(name: str):
 
 
 def resolve(backend: str, device: torch.device, dtypes=()) -> str:
-    """The concrete backend name for ``backend`` on ``device``; raises if it cannot run there."""
+    """The concrete backend name for ``backend`` on ``device`` for inputs of ``dtypes`` (pairs
+    ``(argument name, dtype)``); raises if it cannot run there."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and not is_interpreting() else "torch"
+        if device.type != "cuda" or is_interpreting():
+            return "torch"
+        from .triton_backend import SUPPORTED_DTYPES
+
+        return "triton" if all(dtype in SUPPORTED_DTYPES for _, dtype in dtypes) else "torch"
     if backend == "triton":
         if device.type != "cuda" and not (device.type == "cpu" and is_interpreting()):
             raise ValueError(f"backend='triton' needs CUDA tensors (got {device}), or CPU tensors "

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import backends, defaults, reference
-from .loss import cast_for_autocast
+from .loss import autocast_dtype, cast_for_autocast
 from .validation import (
     check_head,
     check_ignore_index,
@@ -40,8 +40,14 @@ def token_entropy(
         backend: "auto", "triton", "torch" or "reference", as for ``fused_loss``.
 
     Returns:
-        float32 ``(...)`` entropies, without gradient. The ``[tokens, V]`` logits are never
-        materialised (except by ``backend="reference"``).
+        ``(...)`` entropies without gradient: float32, or float64 for float64 inputs (backends
+        "torch" and "reference"; ``backend="triton"`` refuses float64 with a ValueError, "auto"
+        picks "torch" for it). The ``[tokens, V]`` logits are never materialised (except by
+        ``backend="reference"``). Inside ``torch.autocast`` the inputs are cast as for
+        ``torch.nn.functional.linear`` and the logits accumulate in float32, as outside it.
+
+    Raises:
+        TypeError, ValueError: naming the argument at fault (see ``wmss.validation``).
     """
     softcap = check_softcap(softcap)
     ignore_index = check_ignore_index(ignore_index)
@@ -56,14 +62,16 @@ def token_entropy(
     else:
         labels = check_labels(labels, shape, weight.shape[0], ignore_index)
     named = cast_for_autocast(device, {"hidden": hidden, "weight": weight, "bias": bias})
-    check_pair_dtypes("", *named.values())
+    check_pair_dtypes("", *named.values(), under_autocast=autocast_dtype(device) is not None)
     hidden, weight, bias = named.values()
     backend = backends.resolve(backend, device, [("hidden", hidden.dtype)])
     flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    if backend == "reference":
-        stats = reference.single_stats(flat_hidden, weight, bias, flat_labels, softcap,
-                                       ignore_index)
-    else:
-        stats = backends.engine(backend).single_forward(flat_hidden, weight, bias, flat_labels,
-                                                        softcap, ignore_index)
+    # The inputs are cast already; autocast must not recast the engines' products.
+    with torch.autocast(device.type, enabled=False):
+        if backend == "reference":
+            stats = reference.single_stats(flat_hidden, weight, bias, flat_labels, softcap,
+                                           ignore_index)
+        else:
+            stats = backends.engine(backend).single_forward(flat_hidden, weight, bias,
+                                                            flat_labels, softcap, ignore_index)
     return stats.entropy.reshape(shape)

@@ -39,20 +39,23 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 def cast_for_autocast(device: torch.device, named: dict) -> dict:
-    """As ``torch.nn.functional.linear`` does inside autocast, cast every floating input to the
-    autocast dtype (differentiably: gradients come back in each input's own dtype)."""
+    """As ``torch.nn.functional.linear`` does inside autocast, cast every floating input but
+    float64 ones (autocast leaves float64 alone) to the autocast dtype (differentiably: gradients
+    come back in each input's own dtype)."""
     dtype = autocast_dtype(device)
     if dtype is None:
         return named
-    return {name: None if t is None else t.to(dtype) for name, t in named.items()}
+    return {name: t if t is None or t.dtype == torch.float64 else t.to(dtype)
+            for name, t in named.items()}
 
 
 def reduce_loss(per_token: torch.Tensor, supervised: torch.Tensor, reduction: str,
                 num_items_in_batch) -> torch.Tensor:
-    """Reduce float32 per-token losses (0 at ignored positions) without a host sync.
+    """Reduce per-token losses (0 at ignored positions) without a host sync.
 
-    "mean" divides by the number of supervised tokens, or by ``num_items_in_batch`` when given;
-    a denominator of 0 (nothing supervised) is replaced by 1, so the result is 0.0, never NaN.
+    "mean" divides by the number of supervised tokens, or by ``num_items_in_batch`` (validated
+    by ``check_num_items``) when given. A count of 0 supervised tokens is replaced by 1, so a
+    batch with nothing supervised gives 0.0, never NaN.
     """
     if reduction == "none":
         return per_token
@@ -60,12 +63,12 @@ def reduce_loss(per_token: torch.Tensor, supervised: torch.Tensor, reduction: st
     if reduction == "sum":
         return total
     if num_items_in_batch is None:
-        denominator = supervised.sum()
-    elif isinstance(num_items_in_batch, torch.Tensor):
-        denominator = num_items_in_batch.to(device=total.device)
+        return total / supervised.sum().to(total.dtype).clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        denominator = num_items_in_batch.to(device=total.device).reshape(())
     else:
         denominator = torch.tensor(num_items_in_batch, device=total.device)
-    return total / denominator.to(total.dtype).clamp(min=1)
+    return total / denominator.to(total.dtype)
 
 
 def fused_loss(
@@ -103,10 +106,13 @@ def fused_loss(
         lam: mixing weight in [0, 1]; 1 is plain strong cross-entropy, 0 plain weak.
         strong_bias, weak_bias: optional ``(V,)`` lm-head biases.
         ignore_index: label value of positions that are not supervised.
-        reduction: "mean" (over supervised tokens), "sum", or "none" (float32 per-token losses
-            shaped like ``labels``, 0 at ignored positions).
+        reduction: "mean" (over supervised tokens), "sum", or "none" (per-token losses shaped
+            like ``labels``, 0 at ignored positions).
         num_items_in_batch: with "mean", divide the sum by this count instead (gradient
-            accumulation: the supervised tokens of the whole accumulated batch).
+            accumulation: the supervised tokens of the whole accumulated batch): an int >= 1, or a
+            one-element tensor, integer (>= 1) or floating (finite, > 0; Hugging Face Trainer
+            passes a float tensor). A tensor on a GPU is checked in the host sync of the label
+            check, none extra (see ``wmss.validation.check_num_items``).
         softcap: final-logit soft-capping ``c * tanh(z / c)``, per model before mixing (Gemma 2/3).
         train_weak: False freezes the weak model: no gradient reaches ``weak_*``, and its gradient
             products are skipped.
@@ -114,19 +120,31 @@ def fused_loss(
             is trained with plain strong cross-entropy and sends no gradient to the weak branch.
             None mixes every supervised token, as in the paper.
         return_stats: also return ``TokenStats`` (entropies, log-probs, the mixed mask).
-        backend: "auto" (Triton on CUDA, else "torch"), "triton", "torch" or "reference" (the
-            plain formula with materialised logits, for tests and debugging).
+        backend: "auto" (Triton on CUDA, else "torch"; "torch" for float64 inputs), "triton",
+            "torch" or "reference" (the plain formula with materialised logits, for tests and
+            debugging).
 
     Returns:
-        The float32 loss (a scalar, or per-token for "none"); with ``return_stats``, the pair
-        ``(loss, stats)``. A batch with no supervised token gives 0.0 and zero gradients.
+        The loss (a scalar, or per-token for "none"); with ``return_stats``, the pair
+        ``(loss, stats)``. A batch with no supervised token gives 0.0 and zero gradients. The loss
+        and the statistics are float32, or float64 when either model's inputs are float64.
 
     Dtypes follow ``torch.nn.functional.linear``: inside ``torch.autocast`` hidden states, weights
-    and biases are cast to the autocast dtype; outside it each model's tensors must share a dtype.
-    Gradients come back in each input's own dtype. Accumulation is float32 throughout.
+    and biases are cast to the autocast dtype (float64 ones excepted, as autocast leaves them);
+    outside it each model's tensors must share a dtype, but the two models may differ (e.g. a
+    float64 strong and a float32 weak model). Gradients come back in each input's own dtype.
+    Accumulation is float32, or float64 throughout when either model is float64 (backends
+    "torch" and "reference"; ``backend="triton"`` refuses float64 inputs with a ValueError, and
+    "auto" picks "torch" for them).
+
+    Gradients are first-order only on the fused backends: a backward with
+    ``create_graph=True`` (double backward, e.g. a gradient penalty) raises a RuntimeError on
+    "torch" and "triton"; "reference" supports it.
 
     Raises:
         TypeError, ValueError: naming the argument at fault (see ``wmss.validation``).
+        RuntimeError: from the backward, when run with ``create_graph=True`` on "torch" or
+            "triton".
     """
     spec = MixedLossSpec(lam=check_lam(lam), softcap=check_softcap(softcap),
                          gap_threshold=check_gap_threshold(gap_threshold),
@@ -148,10 +166,12 @@ def fused_loss(
                  weak_bias=weak_bias)
     device = check_same_device({**named, "labels": labels})
     labels = check_labels(labels, strong_hidden.shape[:-1], strong_weight.shape[0],
-                          spec.ignore_index)
+                          spec.ignore_index, num_items=num_items_in_batch)
     named = cast_for_autocast(device, named)
-    check_pair_dtypes("strong_", named["strong_hidden"], named["strong_weight"], named["strong_bias"])
-    check_pair_dtypes("weak_", named["weak_hidden"], named["weak_weight"], named["weak_bias"])
+    under_autocast = autocast_dtype(device) is not None
+    for prefix in ("strong_", "weak_"):
+        check_pair_dtypes(prefix, *(named[prefix + part] for part in ("hidden", "weight", "bias")),
+                          under_autocast=under_autocast)
     if not train_weak:
         named.update({k: v.detach() for k, v in named.items() if k.startswith("weak") and v is not None})
     backend = backends.resolve(backend, device, [(k, v.dtype) for k, v in named.items()

@@ -11,8 +11,9 @@ import torch
 class TokenStats:
     """Per-token statistics of the strong, weak and mixed next-token distributions.
 
-    Every field has the shape of ``labels``. Float fields are float32 and hold 0 at ignored
-    positions; ``mixed`` is bool and False there. None of them carries gradient.
+    Every field has the shape of ``labels``. Float fields are float32 (float64 when either model's
+    inputs are float64) and hold 0 at ignored positions; ``mixed`` is bool and False there. None
+    of them carries gradient.
 
     Attributes:
         entropy_strong: entropy of softmax(z_strong), in nats.

@@ -6,6 +6,10 @@ vocab_block]`` logit block is folded into online statistics (running max ``m``, 
 and ``t = sum e^(z-m) (z-m)``, see ``wmss_kernels/logit_tiles.py``) and then dropped. The backward
 recomputes each block and accumulates the gradients in float32.
 
+Precision: everything (logits, statistics, accumulators, results) is float32, or float64 when
+either model's inputs are float64; both models are then computed in float64, so a float64
+strong model and a float32 weak one mix in float64.
+
 Memory bound: besides the inputs, the O(N) statistics and the gradients themselves (float32
 accumulators of the requested gradients), a handful of ``[token_block, vocab_block]`` blocks
 (computed in place where possible; about ten live at the peak, counting the matrix library's own
@@ -31,11 +35,12 @@ VOCAB_BLOCK = 2048
 
 
 class _Head:
-    """One model's ``(hidden [N, d], weight [V, d], bias [V] | None)`` and its logit blocks."""
+    """One model's ``(hidden [N, d], weight [V, d], bias [V] | None)`` and its logit blocks,
+    computed in ``dtype`` (float32 or float64)."""
 
-    def __init__(self, hidden, weight, bias, softcap: Optional[float]):
+    def __init__(self, hidden, weight, bias, softcap: Optional[float], dtype: torch.dtype):
         self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
-        self.dtype = compute_dtype(hidden.dtype)
+        self.dtype = dtype
 
     def weight_block(self, vocab: slice):
         w = self.weight[vocab].to(self.dtype)
@@ -113,8 +118,19 @@ class _Targets:
         return p.scatter_add_(1, self.columns, -self.inside.to(p.dtype).unsqueeze(1))
 
 
+def _heads(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias,
+           softcap: Optional[float]) -> tuple[_Head, _Head]:
+    """Both models' heads, in the one compute dtype of the pair."""
+    dtype = compute_dtype(strong_hidden.dtype, weak_hidden.dtype)
+    return (_Head(strong_hidden, strong_weight, strong_bias, softcap, dtype),
+            _Head(weak_hidden, weak_weight, weak_bias, softcap, dtype))
+
+
 class TorchEngine:
-    """Chunked PyTorch implementation of the three operations every backend engine provides."""
+    """Chunked PyTorch implementation of the three operations every backend engine provides.
+
+    Results (statistics, gradients' accumulators) are in the compute dtype (see module doc).
+    """
 
     def __init__(self, token_block: int = TOKEN_BLOCK, vocab_block: int = VOCAB_BLOCK):
         if token_block < 1 or vocab_block < 1:
@@ -138,16 +154,15 @@ class TorchEngine:
     @torch.no_grad()
     def mixed_forward(self, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
                       weak_bias, labels, spec: MixedLossSpec) -> MixedTokenStats:
-        strong = _Head(strong_hidden, strong_weight, strong_bias, spec.softcap)
-        weak = _Head(weak_hidden, weak_weight, weak_bias, spec.softcap)
-        num_tokens, device = labels.shape[0], labels.device
-        dtype = torch.promote_types(strong.dtype, weak.dtype)
+        strong, weak = _heads(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
+                              weak_bias, spec.softcap)
+        num_tokens, device, dtype = labels.shape[0], labels.device, strong.dtype
         acc_s, acc_w = _Online(num_tokens, device, dtype), _Online(num_tokens, device, dtype)
         acc_m = _Online(num_tokens, device, dtype, with_entropy=False)
         for vocab_slice, tokens, weights in self._blocks(num_tokens, strong, weak):
             targets = _Targets(labels, tokens, vocab_slice)
-            z_s = strong.logits(tokens, *weights[0]).to(dtype)
-            z_w = weak.logits(tokens, *weights[1]).to(dtype)
+            z_s = strong.logits(tokens, *weights[0])
+            z_w = weak.logits(tokens, *weights[1])
             acc_m.consume(tokens, torch.lerp(z_w, z_s, spec.lam), targets)
             acc_s.consume(tokens, z_s, targets)
             acc_w.consume(tokens, z_w, targets)
@@ -162,25 +177,23 @@ class TorchEngine:
         loss = torch.where(mixed, -logp_m, torch.where(supervised, -logp_s, zero))
 
         def stat(x):
-            return torch.where(supervised, x, zero).float()
+            return torch.where(supervised, x, zero)
 
-        return MixedTokenStats(loss.float(), acc_s.m.float(), acc_s.s.log().float(),
-                               acc_m.m.float(), acc_m.s.log().float(), stat(h_s), stat(h_w),
-                               stat(logp_s), stat(logp_w), stat(logp_m), mixed)
+        return MixedTokenStats(loss, acc_s.m, acc_s.s.log(), acc_m.m, acc_m.s.log(), stat(h_s),
+                               stat(h_w), stat(logp_s), stat(logp_w), stat(logp_m), mixed)
 
     @torch.no_grad()
     def single_forward(self, hidden, weight, bias, labels, softcap: Optional[float],
                        ignore_index: int) -> SingleTokenStats:
-        head = _Head(hidden, weight, bias, softcap)
+        head = _Head(hidden, weight, bias, softcap, compute_dtype(hidden.dtype))
         num_tokens = labels.shape[0]
         acc = _Online(num_tokens, labels.device, head.dtype)
         for vocab_slice, tokens, (block,) in self._blocks(num_tokens, head):
             acc.consume(tokens, head.logits(tokens, *block), _Targets(labels, tokens, vocab_slice))
         supervised = labels != ignore_index
         zero = torch.zeros((), device=labels.device, dtype=head.dtype)
-        return SingleTokenStats(torch.where(supervised, acc.entropy(), zero).float(),
-                                (acc.m + acc.s.log()).float(),
-                                torch.where(supervised, acc.logprob_target(), zero).float())
+        return SingleTokenStats(torch.where(supervised, acc.entropy(), zero), acc.m + acc.s.log(),
+                                torch.where(supervised, acc.logprob_target(), zero))
 
     @torch.no_grad()
     def mixed_backward(self, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
@@ -188,8 +201,8 @@ class TorchEngine:
                        coef_mix, coef_strong, spec: MixedLossSpec, strong_request: GradRequest,
                        weak_request: GradRequest) -> tuple[ModelGrads, ModelGrads]:
         """Gradients of ``sum_n c_n loss_n``; arguments as in ``wmss_kernels.mixed_ce_backward``."""
-        strong = _Head(strong_hidden, strong_weight, strong_bias, spec.softcap)
-        weak = _Head(weak_hidden, weak_weight, weak_bias, spec.softcap)
+        strong, weak = _heads(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
+                              weak_bias, spec.softcap)
         lam, softcap = spec.lam, spec.softcap
         num_tokens = labels.shape[0]
 

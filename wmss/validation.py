@@ -20,8 +20,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
-# The label-range check costs one host-device synchronisation per call on CUDA; set this
-# environment variable to 1 to skip it (out-of-range labels then give undefined losses).
+INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+
+# The label-range check costs one host-device synchronisation per call on CUDA (the same sync
+# also checks the value of a ``num_items_in_batch`` tensor on the device); set this environment
+# variable to 1 to skip both (out-of-range labels then give undefined losses, and a device
+# ``num_items_in_batch`` is divided by as given).
 SKIP_LABEL_CHECK_ENV = "WMSS_SKIP_LABEL_CHECK"
 
 
@@ -71,6 +75,8 @@ def check_gap_threshold(gap_threshold) -> Optional[float]:
 def check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (labels are int64), got {ignore_index}")
     return int(ignore_index)
 
 
@@ -88,29 +94,78 @@ def check_choice(name: str, value, choices: tuple) -> str:
     return value
 
 
+NUM_ITEMS_MEANING = "the count of supervised tokens that reduction='mean' divides by"
+
+
 def check_num_items(num_items_in_batch, reduction: str):
-    """``num_items_in_batch``: None, a non-negative int, or a one-element integer/float tensor."""
+    """``num_items_in_batch``: None, or the count that ``reduction="mean"`` divides the sum by.
+
+    Accepted: a Python integer (or a float with a whole value) >= 1, or a one-element tensor,
+    integer (value >= 1) or floating (finite and > 0: Hugging Face Trainer passes the count as a
+    float tensor divided by the number of ranks that share a batch, which need not be whole).
+    bool, complex and meta tensors are refused.
+
+    A tensor on the CPU is checked here. The value of a tensor on an accelerator is not read
+    here (that would be a host sync): ``check_labels(num_items=...)`` checks it in the host sync of
+    the label-range check, so a bad value still raises, at no extra cost (and is not checked when
+    ``WMSS_SKIP_LABEL_CHECK=1`` skips that sync).
+
+    Returns:
+        None, an ``int``, or the tensor.
+    """
     if num_items_in_batch is None:
         return None
     if reduction != "mean":
         raise ValueError(f"num_items_in_batch replaces the denominator of reduction='mean'; "
                          f"it cannot be combined with reduction={reduction!r}")
     if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1 or num_items_in_batch.is_complex():
+        count = num_items_in_batch
+        if count.dtype == torch.bool or count.is_complex():
+            raise TypeError(f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be an integer or "
+                            f"floating tensor, got {count.dtype}")
+        if count.numel() != 1:
             raise ValueError("num_items_in_batch must be a number or a one-element tensor, got a "
-                             f"tensor of shape {tuple(num_items_in_batch.shape)}")
-        return num_items_in_batch
+                             f"tensor of shape {tuple(count.shape)}")
+        if count.is_meta:
+            raise ValueError("num_items_in_batch is on meta (a meta tensor has no value)")
+        if readable_without_sync(count) and bool(count_is_invalid(count)):
+            raise ValueError(_bad_count_message(count))
+        return count
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
-        raise TypeError("num_items_in_batch must be a number, a one-element tensor or None, got "
+        raise TypeError("num_items_in_batch must be an int, a one-element tensor or None, got "
                         f"{type(num_items_in_batch).__name__}")
-    if not math.isfinite(num_items_in_batch) or num_items_in_batch < 0:
-        raise ValueError(f"num_items_in_batch must be finite and >= 0, got {num_items_in_batch}")
-    return num_items_in_batch
+    value = float(num_items_in_batch)
+    if not (math.isfinite(value) and 1 <= value <= INT64_MAX and value == math.floor(value)):
+        raise ValueError(f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be a whole number >= 1, "
+                         f"got {num_items_in_batch!r}")
+    return int(num_items_in_batch)
+
+
+def readable_without_sync(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no device synchronisation."""
+    return t.device.type == "cpu"
+
+
+def count_is_invalid(count: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor on ``count``'s device (no host sync): a one-element ``num_items_in_batch``
+    tensor that ``check_num_items`` would refuse for its value."""
+    count = count.reshape(())
+    if count.is_floating_point():
+        return ~(torch.isfinite(count) & (count > 0))
+    return count < 1
+
+
+def _bad_count_message(count: torch.Tensor) -> str:
+    rule = "finite and > 0" if count.is_floating_point() else ">= 1"
+    return (f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be {rule}, got a {count.dtype} "
+            f"tensor holding {count.item()}")
 
 
 def check_tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or "
                         f"float64), got {value.dtype}")
@@ -134,6 +189,9 @@ def check_head(prefix: str, hidden, weight, bias) -> None:
                          f"{tuple(hidden.shape)})")
     if weight.shape[0] == 0:
         raise ValueError(f"{prefix}weight has an empty vocabulary")
+    if weight.shape[1] == 0:
+        raise ValueError(f"{prefix}hidden and {prefix}weight have hidden size 0 (shapes "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}); d must be >= 1")
     if bias is not None:
         check_tensor(f"{prefix}bias", bias)
         if bias.shape != (weight.shape[0],):
@@ -142,6 +200,14 @@ def check_head(prefix: str, hidden, weight, bias) -> None:
 
 
 def check_same_device(named: dict) -> torch.device:
+    """The one device of the tensors in ``named`` (None entries skipped); every entry must be a
+    tensor with values (not on meta)."""
+    for name, t in named.items():
+        if t is not None:
+            check_tensor(name, t, floating=False)
+            if t.is_meta:
+                raise ValueError(f"{name} is on meta (a meta tensor has a shape but no values "
+                                 "to compute with)")
     devices = {name: t.device for name, t in named.items() if t is not None}
     first_name, device = next(iter(devices.items()))
     for name, other in devices.items():
@@ -151,18 +217,28 @@ def check_same_device(named: dict) -> torch.device:
     return device
 
 
-def check_pair_dtypes(prefix: str, hidden, weight, bias) -> None:
-    """Outside autocast, as for ``torch.nn.functional.linear``, a model's tensors share a dtype."""
+def check_pair_dtypes(prefix: str, hidden, weight, bias, under_autocast: bool = False) -> None:
+    """As for ``torch.nn.functional.linear``, a model's tensors share a dtype (after autocast's
+    casts, when ``under_autocast``)."""
     if hidden.dtype != weight.dtype:
+        hint = ("torch.autocast does not cast float64 tensors, as for torch.nn.functional.linear"
+                if under_autocast else "pass matching dtypes or run under torch.autocast")
         raise ValueError(f"{prefix}hidden is {hidden.dtype} but {prefix}weight is "
-                         f"{weight.dtype}; pass matching dtypes or run under torch.autocast")
+                         f"{weight.dtype}; {hint}")
     if bias is not None and bias.dtype != weight.dtype:
         raise ValueError(f"{prefix}bias is {bias.dtype} but {prefix}weight is {weight.dtype}")
 
 
 def check_labels(labels, leading_shape: torch.Size, vocab: int, ignore_index: int,
-                 name: str = "labels") -> torch.Tensor:
-    """Integer labels shaped like the hidden states without their last dimension, in ``[0, V)``."""
+                 name: str = "labels", num_items=None) -> torch.Tensor:
+    """Integer labels shaped like the hidden states without their last dimension, in ``[0, V)``.
+
+    ``num_items``: the result of ``check_num_items``; a tensor of it off the CPU has its value
+    checked in the same host sync as the labels' range (one sync for both).
+
+    Returns:
+        ``labels`` as int64.
+    """
     check_tensor(name, labels, floating=False)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
@@ -171,10 +247,17 @@ def check_labels(labels, leading_shape: torch.Size, vocab: int, ignore_index: in
                          f"leading shape {tuple(leading_shape)}; labels are aligned with the "
                          "hidden states (no shift inside)")
     labels = labels.long()
-    if labels.numel() and os.environ.get(SKIP_LABEL_CHECK_ENV, "0") in ("", "0"):
-        out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(out_of_range.any()):
+    if os.environ.get(SKIP_LABEL_CHECK_ENV, "0") not in ("", "0"):
+        return labels
+    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    problems = [out_of_range.any()]
+    deferred_count = isinstance(num_items, torch.Tensor) and not readable_without_sync(num_items)
+    if deferred_count:
+        problems.append(count_is_invalid(num_items).to(labels.device))
+    if (labels.numel() or deferred_count) and bool(torch.stack(problems).any()):  # the one sync
+        if bool(problems[0]):
             bad = labels[out_of_range][:5].tolist()
             raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index="
                              f"{ignore_index}; found {bad}")
+        raise ValueError(_bad_count_message(num_items))
     return labels
