@@ -44,22 +44,23 @@ def test_bad_options(overrides, error, names):
 
 # Counts that used to be clamped to 1 without a word (the loss silently became the sum).
 @pytest.mark.parametrize("count, error, message", [
-    (-5, ValueError, "must be a whole number >= 1, got -5"),
-    (0, ValueError, "must be a whole number >= 1, got 0"),
-    (0.5, ValueError, "must be a whole number >= 1, got 0.5"),
-    (12.5, ValueError, "must be a whole number >= 1, got 12.5"),
-    (math.nan, ValueError, "must be a whole number >= 1, got nan"),
-    (math.inf, ValueError, "must be a whole number >= 1, got inf"),
-    (2**64, ValueError, "must be a whole number >= 1"),
+    (-5, ValueError, "must be a whole number >= 0, got -5"),
+    (0.5, ValueError, "must be a whole number >= 0, got 0.5"),
+    (12.5, ValueError, "must be a whole number >= 0, got 12.5"),
+    (math.nan, ValueError, "must be a whole number >= 0, got nan"),
+    (math.inf, ValueError, "must be a whole number >= 0, got inf"),
+    (2**64, ValueError, "must be a whole number >= 0"),
+    # 0 counts the supervised tokens of a batch that has none: not these labels.
+    (0, ValueError, "is 0 but labels holds .* supervised tokens"),
+    (torch.tensor(0), ValueError, "is 0 but labels holds"),
+    (torch.tensor(0.0), ValueError, "is 0 but labels holds"),
     (True, TypeError, "must be an int, a one-element tensor or None, got bool"),
-    (torch.tensor(-5), ValueError, "must be >= 1, got a torch.int64 tensor holding -5"),
-    (torch.tensor(0), ValueError, "must be >= 1, got a torch.int64 tensor holding 0"),
-    (torch.tensor([0], dtype=torch.int32), ValueError, "must be >= 1, got a torch.int32"),
-    (torch.tensor(0.0), ValueError, "must be finite and > 0, got a torch.float32 tensor"),
-    (torch.tensor(-2.0), ValueError, "must be finite and > 0"),
-    (torch.tensor(math.nan), ValueError, "must be finite and > 0, got a torch.float32 tensor "
+    (torch.tensor(-5), ValueError, "must be >= 0, got a torch.int64 tensor holding -5"),
+    (torch.tensor([-1], dtype=torch.int32), ValueError, "must be >= 0, got a torch.int32"),
+    (torch.tensor(-2.0), ValueError, "must be finite and >= 0"),
+    (torch.tensor(math.nan), ValueError, "must be finite and >= 0, got a torch.float32 tensor "
                                          "holding nan"),
-    (torch.tensor(math.inf, dtype=torch.float64), ValueError, "must be finite and > 0"),
+    (torch.tensor(math.inf, dtype=torch.float64), ValueError, "must be finite and >= 0"),
     (torch.tensor(True), TypeError, "must be an integer or floating tensor, got torch.bool"),
     (torch.tensor(3 + 0j), TypeError, "must be an integer or floating tensor"),
     (torch.tensor([[3, 4]]), ValueError, "one-element tensor, got a tensor of shape \\(1, 2\\)"),
@@ -72,8 +73,22 @@ def test_a_bad_num_items_in_batch_is_refused(count, error, message):
 
 def test_the_module_checks_num_items_in_batch_too():
     inputs, labels = make_inputs(shape=(2, 5), vocab=40, d_strong=16, d_weak=12)
-    with pytest.raises(ValueError, match="num_items_in_batch .*must be a whole number >= 1"):
-        wmss.FusedWMSSLoss()(*inputs.values(), labels, num_items_in_batch=0)
+    with pytest.raises(ValueError, match="num_items_in_batch .*must be a whole number >= 0"):
+        wmss.FusedWMSSLoss()(*inputs.values(), labels, num_items_in_batch=-1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+@pytest.mark.parametrize("count", [0, torch.tensor(0), torch.tensor(0.0)], ids=repr)
+def test_a_count_of_zero_for_a_batch_with_nothing_supervised_gives_zero(backend, count):
+    """Training on masked data can accumulate a batch without a supervised token: loss 0 and zero
+    gradients, never NaN, as without num_items_in_batch."""
+    inputs, labels = make_inputs(shape=(2, 5), vocab=40, d_strong=16, d_weak=12)
+    loss = wmss.fused_loss(**inputs, labels=torch.full_like(labels, -100),
+                           num_items_in_batch=count, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    for name, tensor in inputs.items():
+        assert torch.equal(tensor.grad, torch.zeros_like(tensor)), name
 
 
 @pytest.mark.parametrize("count", [
@@ -96,9 +111,11 @@ def test_a_count_on_the_device_is_checked_in_the_label_checks_sync(monkeypatch):
 
     monkeypatch.setattr(validation, "readable_without_sync", lambda t: False)
     inputs, labels = make_inputs(shape=(2, 5), vocab=40, d_strong=16, d_weak=12)
-    for bad in (torch.tensor(0), torch.tensor(-2.0), torch.tensor(math.nan)):
+    for bad in (torch.tensor(-1), torch.tensor(-2.0), torch.tensor(math.nan)):
         with pytest.raises(ValueError, match="num_items_in_batch .*tensor holding"):
             wmss.fused_loss(**inputs, labels=labels, num_items_in_batch=bad)
+    with pytest.raises(ValueError, match="num_items_in_batch is 0 but labels holds"):
+        wmss.fused_loss(**inputs, labels=labels, num_items_in_batch=torch.tensor(0))
     wrong = labels.clone()
     wrong[0, 0] = 40
     with pytest.raises(ValueError, match="labels must lie in"):  # both wrong: labels first
@@ -111,7 +128,7 @@ def test_a_count_on_the_device_is_checked_in_the_label_checks_sync(monkeypatch):
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA")
 def test_a_bad_count_on_the_gpu_is_refused():
     inputs, labels = make_inputs(shape=(2, 5), vocab=40, d_strong=16, d_weak=12)
-    for bad in (torch.tensor(0), torch.tensor(-5.0), torch.tensor(math.inf)):
+    for bad in (torch.tensor(-1), torch.tensor(-5.0), torch.tensor(math.inf)):
         with pytest.raises(ValueError, match="num_items_in_batch .*tensor holding"):
             wmss.fused_loss(**inputs, labels=labels, num_items_in_batch=bad.to(DEVICE))
 

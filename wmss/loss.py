@@ -55,7 +55,8 @@ def reduce_loss(per_token: torch.Tensor, supervised: torch.Tensor, reduction: st
 
     "mean" divides by the number of supervised tokens, or by ``num_items_in_batch`` (validated
     by ``check_num_items``) when given. A count of 0 supervised tokens is replaced by 1, so a
-    batch with nothing supervised gives 0.0, never NaN.
+    batch with nothing supervised gives 0.0, never NaN (a count of 0 is accepted only for a call
+    with nothing supervised).
     """
     if reduction == "none":
         return per_token
@@ -68,7 +69,9 @@ def reduce_loss(per_token: torch.Tensor, supervised: torch.Tensor, reduction: st
         denominator = num_items_in_batch.to(device=total.device).reshape(())
     else:
         denominator = torch.tensor(num_items_in_batch, device=total.device)
-    return total / denominator.to(total.dtype)
+    # A count of 0 (checked: nothing supervised here either, so the sum is 0) gives 0, not NaN.
+    denominator = denominator.to(total.dtype)
+    return total / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
 
 
 def fused_loss(

@@ -100,10 +100,12 @@ NUM_ITEMS_MEANING = "the count of supervised tokens that reduction='mean' divide
 def check_num_items(num_items_in_batch, reduction: str):
     """``num_items_in_batch``: None, or the count that ``reduction="mean"`` divides the sum by.
 
-    Accepted: a Python integer (or a float with a whole value) >= 1, or a one-element tensor,
-    integer (value >= 1) or floating (finite and > 0: Hugging Face Trainer passes the count as a
+    Accepted: a Python integer (or a float with a whole value) >= 0, or a one-element tensor,
+    integer (value >= 0) or floating (finite and >= 0: Hugging Face Trainer passes the count as a
     float tensor divided by the number of ranks that share a batch, which need not be whole).
-    bool, complex and meta tensors are refused.
+    bool, complex and meta tensors are refused. A count of 0 (an accumulated batch with no
+    supervised token, which training on masked data can meet) is accepted only when this call
+    has no supervised token either: its loss is then 0 (``check_labels`` checks this).
 
     A tensor on the CPU is checked here. The value of a tensor on an accelerator is not read
     here (that would be a host sync): ``check_labels(num_items=...)`` checks it in the host sync of
@@ -135,8 +137,8 @@ def check_num_items(num_items_in_batch, reduction: str):
         raise TypeError("num_items_in_batch must be an int, a one-element tensor or None, got "
                         f"{type(num_items_in_batch).__name__}")
     value = float(num_items_in_batch)
-    if not (math.isfinite(value) and 1 <= value <= INT64_MAX and value == math.floor(value)):
-        raise ValueError(f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be a whole number >= 1, "
+    if not (math.isfinite(value) and 0 <= value <= INT64_MAX and value == math.floor(value)):
+        raise ValueError(f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be a whole number >= 0, "
                          f"got {num_items_in_batch!r}")
     return int(num_items_in_batch)
 
@@ -151,12 +153,12 @@ def count_is_invalid(count: torch.Tensor) -> torch.Tensor:
     tensor that ``check_num_items`` would refuse for its value."""
     count = count.reshape(())
     if count.is_floating_point():
-        return ~(torch.isfinite(count) & (count > 0))
-    return count < 1
+        return ~(torch.isfinite(count) & (count >= 0))
+    return count < 0
 
 
 def _bad_count_message(count: torch.Tensor) -> str:
-    rule = "finite and > 0" if count.is_floating_point() else ">= 1"
+    rule = "finite and >= 0" if count.is_floating_point() else ">= 0"
     return (f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be {rule}, got a {count.dtype} "
             f"tensor holding {count.item()}")
 
@@ -254,10 +256,17 @@ def check_labels(labels, leading_shape: torch.Size, vocab: int, ignore_index: in
     deferred_count = isinstance(num_items, torch.Tensor) and not readable_without_sync(num_items)
     if deferred_count:
         problems.append(count_is_invalid(num_items).to(labels.device))
+    if num_items is not None:  # a count of 0 must mean that nothing here is supervised
+        count = torch.as_tensor(num_items).to(labels.device).reshape(())
+        problems.append((count == 0) & (labels != ignore_index).any())
     if (labels.numel() or deferred_count) and bool(torch.stack(problems).any()):  # the one sync
         if bool(problems[0]):
             bad = labels[out_of_range][:5].tolist()
             raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index="
                              f"{ignore_index}; found {bad}")
-        raise ValueError(_bad_count_message(num_items))
+        if deferred_count and bool(problems[1]):
+            raise ValueError(_bad_count_message(num_items))
+        raise ValueError(f"num_items_in_batch is 0 but {name} holds "
+                         f"{int((labels != ignore_index).sum())} supervised tokens; it must count "
+                         "the supervised tokens of the whole (accumulated) batch")
     return labels
