@@ -8,7 +8,8 @@ import torch
 
 
 class MixedTokenStats(NamedTuple):
-    """Per-token forward outputs of the mixed loss; float32 ``[N]`` unless noted (float64 when the torch backend computes a float64 pair).
+    """Per-token forward outputs of the mixed loss; float32 ``[N]`` unless noted (float64 when
+    the torch backend computes a float64 pair).
 
     ``loss`` and the ``entropy_*``/``logprob_*`` statistics are 0 at ignored positions;
     ``mixed`` is bool (the token used the mixed loss).
@@ -33,7 +34,8 @@ class MixedTokenStats(NamedTuple):
 
 
 class SingleTokenStats(NamedTuple):
-    """Per-token statistics of one model: float32 ``[N]`` (float64 for float64 inputs on the torch backend); entropy and logprob 0 where ignored."""
+    """Per-token statistics of one model: float32 ``[N]`` (float64 for float64 inputs on the
+    torch backend); entropy and logprob 0 where ignored."""
 
     entropy: torch.Tensor
     lse: torch.Tensor
