@@ -183,3 +183,90 @@ def test_peft_wrapped_models_train_their_adapters():
     adapters = [p for n, p in lora.named_parameters() if "lora_" in n]
     assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
     assert all(p.grad is None for n, p in lora.named_parameters() if "lora_" not in n)
+
+
+# Tiny mixture-of-experts models: 4 experts, 2 per token, every layer sparse.
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      decoder_sparse_step=1, mlp_only_layers=[]),
+}
+
+
+def tiny_moe(model_type, seed, **overrides):
+    return tiny_causal_lm(model_type, vocab_size=VOCAB, hidden_size=32, seed=seed,
+                          router_aux_loss_coef=0.5, **MOE[model_type], **overrides)
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_moe_router_loss_is_added_as_the_model_itself_adds_it(model_type):
+    """lam=1, weak model frozen: the pair's loss is the strong model's own loss, router
+    load-balancing term included, whether the config or the call asks for router logits."""
+    input_ids, attention_mask, labels = batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    by_config = tiny_moe(model_type, seed=1, output_router_logits=True)
+    pair = wmss.apply_wmss(by_config, tiny_moe(model_type, seed=2), lam=1.0, train_weak=False)
+    own = by_config(**inputs, output_router_logits=True)
+    out = pair(**inputs)
+    assert own.aux_loss > 0 and math.isclose(out.loss.item(), own.loss.item(), rel_tol=1e-6)
+    assert math.isclose(out.aux_loss.item(), 0.5 * own.aux_loss.item(), rel_tol=1e-6)
+
+    plain = tiny_moe(model_type, seed=1)  # config.output_router_logits=False
+    pair = wmss.apply_wmss(plain, tiny_moe(model_type, seed=2), lam=1.0, train_weak=False)
+    asked = pair(**inputs, output_router_logits=True)
+    assert math.isclose(asked.loss.item(), own.loss.item(), rel_tol=1e-6)
+    not_asked = pair(**inputs)
+    assert not_asked.aux_loss is None
+    assert math.isclose(not_asked.loss.item(), plain(**inputs).loss.item(), rel_tol=1e-6)
+
+
+def test_moe_router_losses_of_both_trained_models_and_their_share_of_an_accumulated_batch():
+    """Both models trained: both router terms. With num_items_in_batch, each micro-batch's
+    router term counts by its share of the supervised tokens, so over the accumulated batch the
+    term is the token-weighted mean (not one full term per micro-batch)."""
+    strong = tiny_moe("mixtral", seed=1, output_router_logits=True)
+    weak = tiny_moe("mixtral", seed=2, output_router_logits=True)
+    pair = wmss.apply_wmss(strong, weak, lam=0.3)
+    input_ids, attention_mask, labels = batch()
+    parts = [(input_ids[:1], attention_mask[:1], labels[:1]),
+             (input_ids[1:], attention_mask[1:], labels[1:])]
+    counts = [int((lab[:, 1:] != -100).sum()) for _, _, lab in parts]
+    total = sum(counts)
+    accumulated, weighted_aux, plain_sum = 0.0, 0.0, 0.0
+    for (ids, mask, lab), count in zip(parts, counts):
+        own = [m(input_ids=ids, attention_mask=mask, labels=lab, output_router_logits=True)
+               for m in (strong, weak)]
+        aux = 0.5 * (own[0].aux_loss + own[1].aux_loss).item()
+        out = pair(input_ids=ids, attention_mask=mask, labels=lab, num_items_in_batch=total)
+        assert math.isclose(out.aux_loss.item(), aux, rel_tol=1e-6)
+        plain = pair(input_ids=ids, attention_mask=mask, labels=lab, num_items_in_batch=total,
+                     output_router_logits=False)
+        accumulated += out.loss.item()
+        plain_sum += plain.loss.item()
+        weighted_aux += aux * count / total
+    assert math.isclose(accumulated, plain_sum + weighted_aux, rel_tol=1e-6)
+
+
+def test_router_logits_asked_of_dense_models_are_refused():
+    strong = tiny_causal_lm("llama", vocab_size=VOCAB, seed=1)
+    pair = wmss.apply_wmss(strong, tiny_causal_lm("llama", vocab_size=VOCAB, seed=2))
+    input_ids, attention_mask, labels = batch()
+    with pytest.raises(ValueError, match="output_router_logits=True.*mixture-of-experts"):
+        pair(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+             output_router_logits=True)
+
+
+def load_balancing_loss_func(gate_logits, num_experts, num_keys, top_k, attention_mask):
+    """A load-balancing loss of another signature (as Doge's), for the test below."""
+    raise AssertionError("never called")
+
+
+def test_a_router_loss_wmss_cannot_call_is_refused_when_the_config_asks_for_it():
+    from transformers import MixtralForCausalLM
+
+    class OtherRouterLoss(MixtralForCausalLM):  # its module (this one) has the function above
+        pass
+
+    config = tiny_moe("mixtral", seed=1, output_router_logits=True).config
+    with pytest.raises(ValueError, match="strong model: OtherRouterLoss.*output_router_logits"):
+        wmss.apply_wmss(OtherRouterLoss(config), tiny_moe("mixtral", seed=2))

@@ -9,15 +9,18 @@
 
 Anything else is caught by ``LMHead.verify``, which compares the model's own logits with
 ``LMHead.logits`` on a few tokens and raises if they differ. ``final_hidden_states`` runs the
-model's backbone (``model.base_model``, after its final norm) and never computes logits. PEFT
-wrappers are unwrapped first; nothing is patched, so the weak model, which shares the class, is
-untouched.
+model's backbone (``model.base_model``, after its final norm) and never computes logits;
+``RouterAux.of(model)`` is a mixture-of-experts model's router load-balancing loss, as its own
+class adds it to the loss. PEFT wrappers are unwrapped first; nothing is patched, so the weak
+model, which shares the class, is untouched.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -112,12 +115,79 @@ class LMHead:
                              "wmss does not support")
 
 
+def backbone_outputs(model: nn.Module, input_ids: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """The backbone's (``model.base_model``) ``ModelOutput``: ``last_hidden_state`` ``(batch, seq,
+    d)`` after the final norm, and e.g. ``router_logits`` when ``output_router_logits=True`` is
+    passed to an MoE backbone. No logits are computed."""
+    backbone = unwrap(model).base_model
+    kwargs.update(use_cache=False, return_dict=True)  # training: no KV cache, a ModelOutput back
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
 def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
                         attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
     """``(batch, seq, d)`` hidden states after the backbone's final norm; no logits computed."""
-    backbone = unwrap(model).base_model
-    kwargs.update(use_cache=False, return_dict=True)  # training: no KV cache, a ModelOutput back
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    return backbone_outputs(model, input_ids, attention_mask, **kwargs).last_hidden_state
+
+
+# The signature the MoE CausalLM classes of transformers (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS,
+# Granite-MoE, PhiMoE, Jamba, DBRX...) call their module's load-balancing loss with.
+_LOAD_BALANCING_PARAMETERS = ("gate_logits", "num_experts", "top_k", "attention_mask")
+
+
+@dataclass(frozen=True)
+class RouterAux:
+    """A mixture-of-experts causal LM's router auxiliary loss, as its own class adds it to the loss:
+    ``coef * loss_func(router_logits, num_experts, top_k, attention_mask)`` (the
+    ``load_balancing_loss_func`` of the model's modeling module, with the ``num_experts``,
+    ``num_experts_per_tok`` and ``router_aux_loss_coef`` the CausalLM class reads from its
+    config)."""
+
+    loss_func: Callable
+    num_experts: int
+    top_k: int
+    coef: float
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Optional["RouterAux"]:
+        """The router loss of ``model``, or None for a model without one (a dense model).
+
+        Raises ``ValueError`` for an MoE model whose load-balancing loss wmss cannot call the way
+        its class does (another signature, or the class lacks the expert counts).
+        """
+        model = unwrap(model)
+        name = type(model).__name__
+        loss_func = None
+        for klass in type(model).__mro__:  # a user subclass lives in the user's module
+            loss_func = getattr(sys.modules.get(klass.__module__), "load_balancing_loss_func", None)
+            if loss_func is not None:
+                break
+        if loss_func is None:
+            return None
+        parameters = tuple(inspect.signature(loss_func).parameters)
+        parameters = parameters[:len(_LOAD_BALANCING_PARAMETERS)]
+        settings = {key: getattr(model, key, None)
+                    for key in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")}
+        if parameters != _LOAD_BALANCING_PARAMETERS or None in settings.values():
+            raise ValueError(
+                f"{name}: its router load-balancing loss is not "
+                f"load_balancing_loss_func{_LOAD_BALANCING_PARAMETERS} with the model's "
+                "num_experts, num_experts_per_tok and router_aux_loss_coef, so wmss cannot add it; "
+                "set config.output_router_logits=False to train without it")
+        return cls(loss_func, int(settings["num_experts"]), int(settings["num_experts_per_tok"]),
+                   float(settings["router_aux_loss_coef"]))
+
+    def __call__(self, router_logits, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """``coef * load_balancing_loss`` as a float32 scalar (router_logits: the backbone's
+        per-layer tuple of ``(batch * seq, num_experts)`` tensors)."""
+        if router_logits is None:
+            raise ValueError("the MoE backbone returned no router_logits although "
+                             "output_router_logits=True was passed")
+        loss = self.loss_func(router_logits, self.num_experts, self.top_k, attention_mask)
+        if not isinstance(loss, torch.Tensor):  # HF returns the int 0 for no router logits
+            loss = torch.tensor(float(loss), device=router_logits[0].device)
+        return self.coef * loss.float()
 
 
 def load_causal_lm(path: str, dtype: str = "float32"):

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from . import defaults
 from .data import shift_labels as shift
-from .hf import LMHead, final_hidden_states, unwrap
+from .hf import LMHead, RouterAux, backbone_outputs, unwrap
 from .loss import fused_loss
 from .stats import TokenStats
 from .validation import (
@@ -41,11 +41,16 @@ class WMSSOutput(ModelOutput):
     """Output of ``WMSSPair.forward``; no logits.
 
     Attributes:
-        loss: the mixed loss (float32 scalar), as ``wmss.fused_loss`` reduces it; None without labels.
+        loss: the mixed loss (float32 scalar), as ``wmss.fused_loss`` reduces it, plus the router
+            auxiliary loss when asked (see ``WMSSPair.forward``); None without labels.
         strong_loss: mean plain cross-entropy of the strong model over supervised tokens (logging).
         weak_loss: the same for the weak model.
         entropy_strong, entropy_weak: mean next-token entropies over supervised tokens.
         mixed_fraction: share of supervised tokens trained with the mixed loss (1 without gap masking).
+        num_tokens: number of supervised (shifted) tokens the means above average over (int64
+            scalar); a trainer weights the means by it to average over several batches.
+        aux_loss: ``sum(router_aux_loss_coef * load_balancing_loss)`` of the trained MoE models
+            (float32 scalar) when router logits were asked for, else None.
         stats: per-token ``wmss.TokenStats`` shaped like the (shifted) labels.
     """
 
@@ -55,6 +60,8 @@ class WMSSOutput(ModelOutput):
     entropy_strong: Optional[torch.Tensor] = None
     entropy_weak: Optional[torch.Tensor] = None
     mixed_fraction: Optional[torch.Tensor] = None
+    num_tokens: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
     stats: Optional[TokenStats] = None
 
 
@@ -69,8 +76,9 @@ class WMSSPair(nn.Module):
     """A strong and a weak causal LM trained together through the fused mixed-logit loss.
 
     Build it with ``wmss.apply_wmss``. Attributes HF's Trainer reads: ``accepts_loss_kwargs`` (it
-    passes ``num_items_in_batch``) and ``loss_type = "ForCausalLM"`` (it counts ``num_items_in_batch``
-    on shifted labels).
+    passes ``num_items_in_batch``) and ``loss_type = "ForCausalLM"`` (recent versions of a plain
+    Trainer then count ``num_items_in_batch`` on shifted labels, though always with -100 as the
+    ignored label; ``WMSSTrainer`` counts it itself, with the pair's ``ignore_index``).
     """
 
     accepts_loss_kwargs = True
@@ -98,8 +106,38 @@ class WMSSPair(nn.Module):
                 head.verify(model)
             except ValueError as error:
                 raise ValueError(f"{name} model: {error}") from None
+        # Each model's router loss (None for a dense model), or why it cannot be computed.
+        self._router_aux: dict[str, Optional[RouterAux]] = {}
+        self._router_error: dict[str, str] = {}
+        for name, model in (("strong", strong), ("weak", weak)):
+            try:
+                self._router_aux[name] = RouterAux.of(model)
+            except ValueError as error:
+                self._router_aux[name], self._router_error[name] = None, str(error)
+                if self._config_wants_router_logits(model) and (name == "strong" or train_weak):
+                    raise ValueError(f"{name} model: {error}") from None
         if not train_weak:
             weak.requires_grad_(False)
+
+    @staticmethod
+    def _config_wants_router_logits(model: nn.Module) -> bool:
+        return bool(getattr(getattr(unwrap(model), "config", None), "output_router_logits", False))
+
+    def _router_requests(self, output_router_logits: Optional[bool]) -> dict[str, bool]:
+        """Which models' router losses to add: the trained MoE models, when the caller asks
+        (``output_router_logits=True``) or, when it says nothing, when their config asks."""
+        trained = {"strong": self.strong, **({"weak": self.weak} if self.train_weak else {})}
+        requests = {}
+        for name, model in trained.items():
+            asked = (self._config_wants_router_logits(model) if output_router_logits is None
+                     else bool(output_router_logits))
+            if asked and name in self._router_error:
+                raise ValueError(f"{name} model: {self._router_error[name]}")
+            requests[name] = asked and self._router_aux[name] is not None
+        if output_router_logits and not any(requests.values()):
+            raise ValueError("output_router_logits=True, but no trained model of the pair is a "
+                             "mixture-of-experts model with a router load-balancing loss")
+        return requests
 
     def __getattr__(self, name: str):
         """Attributes the pair lacks come from the strong model (its ``config``,
@@ -122,7 +160,7 @@ class WMSSPair(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, num_items_in_batch=None,
                 return_stats: bool = False, shift_labels: Optional[torch.Tensor] = None,
-                **model_kwargs) -> WMSSOutput:
+                output_router_logits: Optional[bool] = None, **model_kwargs) -> WMSSOutput:
         """Both backbones on the same batch, then the fused loss on their final hidden states.
 
         Args:
@@ -133,16 +171,38 @@ class WMSSPair(nn.Module):
             return_stats: also return the per-token ``TokenStats``.
             shift_labels: labels already shifted (HF's context/sequence-parallel convention);
                 replaces ``labels``.
+            output_router_logits: add the router load-balancing loss of the trained
+                mixture-of-experts models (the strong one, and the weak one when it is trained),
+                ``router_aux_loss_coef * load_balancing_loss`` as their own classes add it; None
+                (default) follows each model's ``config.output_router_logits``. Without
+                ``num_items_in_batch`` the loss is the mixed loss plus that term, as the HF model's
+                loss is; with it, the term is weighted by this batch's share of the supervised
+                tokens (``num_tokens / num_items_in_batch``), so over an accumulated (or
+                distributed) batch the router term is the token-weighted mean of the micro-batches'
+                and its weight does not grow with the number of micro-batches.
             model_kwargs: forwarded to both backbones (e.g. ``position_ids``).
         """
-        for key in ("return_dict", "use_cache", "fused_lm_head", "output_router_logits"):
+        for key in ("return_dict", "use_cache", "fused_lm_head"):
             model_kwargs.pop(key, None)
-        hidden_s = final_hidden_states(self.strong, input_ids, attention_mask, **model_kwargs)
+        routers = self._router_requests(output_router_logits)
+
+        def run(name, model):
+            kwargs = dict(model_kwargs)
+            if self._router_aux[name] is not None:  # only MoE backbones take the flag
+                kwargs["output_router_logits"] = routers.get(name, False)
+            out = backbone_outputs(model, input_ids, attention_mask, **kwargs)
+            aux = (self._router_aux[name](out.router_logits, attention_mask)
+                   if routers.get(name) else None)
+            return out.last_hidden_state, aux
+
+        hidden_s, aux_s = run("strong", self.strong)
         frozen = not self.train_weak or not torch.is_grad_enabled()
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            hidden_w = final_hidden_states(self.weak, input_ids, attention_mask, **model_kwargs)
+            hidden_w, aux_w = run("weak", self.weak)
+        terms = [aux for aux in (aux_s, aux_w) if aux is not None]
+        aux_loss = sum(terms[1:], terms[0]) if terms else None
         if labels is None and shift_labels is None:
-            return WMSSOutput()
+            return WMSSOutput(aux_loss=aux_loss)
 
         strong_head, weak_head = LMHead.of(self.strong), LMHead.of(self.weak)
         hidden_s, bias_s = strong_head.fused_inputs(hidden_s)
@@ -156,7 +216,15 @@ class WMSSPair(nn.Module):
             train_weak=self.train_weak, gap_threshold=self.gap_threshold, return_stats=True,
             backend=self.backend)
         supervised = targets != self.ignore_index
-        count = supervised.sum().clamp(min=1)
+        num_tokens = supervised.sum()
+        count = num_tokens.clamp(min=1)
+        if aux_loss is not None:
+            aux_loss = aux_loss.to(loss.device)
+            if num_items_in_batch is None:
+                loss = loss + aux_loss
+            else:
+                total = torch.as_tensor(num_items_in_batch, device=loss.device)
+                loss = loss + aux_loss * num_tokens / total.to(torch.float32).clamp(min=1)
 
         def mean(values):
             return values.float().sum() / count
@@ -165,8 +233,8 @@ class WMSSPair(nn.Module):
                           weak_loss=-mean(stats.logprob_weak),
                           entropy_strong=mean(stats.entropy_strong),
                           entropy_weak=mean(stats.entropy_weak),
-                          mixed_fraction=mean(stats.mixed),
-                          stats=stats if return_stats else None)
+                          mixed_fraction=mean(stats.mixed), num_tokens=num_tokens,
+                          aux_loss=aux_loss, stats=stats if return_stats else None)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Save the strong model alone (loadable by ``AutoModelForCausalLM.from_pretrained``)."""

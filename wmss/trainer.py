@@ -2,14 +2,24 @@
 
 What it adds to Trainer:
 
-* gradient accumulation that counts supervised tokens on the shifted labels (the pair declares
-  ``loss_type = "ForCausalLM"`` and ``accepts_loss_kwargs``, so Trainer passes
-  ``num_items_in_batch`` and, with ``average_tokens_across_devices``, sums it over processes and
-  rescales the loss by the process count, so DDP's gradient mean gives the global token mean);
+* gradient accumulation that counts the supervised tokens itself (``get_batch_samples``): on the
+  shifted labels of every micro-batch of the accumulated batch, with the pair's own
+  ``ignore_index``, summed over processes under ``average_tokens_across_devices`` (Trainer then
+  rescales the loss by the process count, so DDP's gradient mean is the global token mean). The
+  loss scaling does not depend on how the installed transformers counts (versions differ:
+  unshifted labels, a hard-coded -100);
 * logging of the mixed loss together with the strong-only loss, the weak-only loss, both mean
-  entropies and the mixed fraction, from the statistics of the fused pass (no extra forward);
+  entropies, the mixed fraction (and the router loss of MoE models), from the statistics of the
+  fused pass (no extra forward). Each is the mean over every supervised token of the logging
+  window (all micro-batches of all processes since the last log), so it does not depend on how
+  the window was split into micro-batches;
 * checkpoints that hold both models, each saved by its own ``save_pretrained`` (tied embeddings
-  included) under ``strong/`` and ``weak/``, and resume that restores both in place.
+  included) under ``strong/`` and ``weak/``, and resume that restores both in place;
+* checkpoints that survive a kill or a full disk: ``CompleteCheckpointMarker`` (added
+  automatically; it works with a plain ``transformers.Trainer`` too) marks a checkpoint once
+  Trainer has finished writing it, ``last_complete_checkpoint`` finds the newest marked one, and
+  ``train(resume_from_checkpoint=True)`` resumes from it, setting half-written newer checkpoint
+  folders aside (``set_aside_incomplete_checkpoints``) so that the new save does not collide.
 
 TRL: ``WMSSSFTTrainer`` (``from wmss.trainer import WMSSSFTTrainer``; needs ``trl``) is
 ``trl.SFTTrainer`` with the same behaviour: TRL's dataset preparation and ``SFTConfig``, the pair's
@@ -19,20 +29,37 @@ LM head, which would train the strong model alone (the pair refuses with an erro
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
+import re
+import sys
+import time
+import warnings
 from typing import Optional
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import Collator, pad_token_id
 from .hf import unwrap
+from .io import atomic_write_json
 from .pair import WMSSPair
 
 STRONG_DIR, WEAK_DIR = "strong", "weak"
 _LOGGED = ("strong_loss", "weak_loss", "entropy_strong", "entropy_weak", "mixed_fraction")
+AUX_LOGGED = "aux_loss"
+
+# Written into checkpoint-N by CompleteCheckpointMarker once Trainer has finished writing it.
+MARKER_FILE = "wmss_checkpoint_complete.json"
+# Trainer's checkpoint folders (transformers' own pattern: get_last_checkpoint's).
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# Half-written checkpoints are renamed to this; it does not start with "checkpoint-", so neither
+# get_last_checkpoint nor Trainer's rotation (save_total_limit globs "checkpoint-*") sees it.
+INCOMPLETE_NAME = "incomplete-" + PREFIX_CHECKPOINT_DIR + "-{step}-{stamp}"
+TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def training_arguments(output_dir: str, *, warmup_ratio: float = 0.0,
@@ -60,15 +87,20 @@ def training_arguments(output_dir: str, *, warmup_ratio: float = 0.0,
 def load_model_weights(model: torch.nn.Module, folder: str) -> None:
     """Load ``save_pretrained`` safetensors weights from ``folder`` into ``model`` in place.
 
-    Parameters absent from the files must be tied to a loaded one (e.g. an lm head tied to the
-    embeddings); anything else missing or unexpected raises.
+    Parameters absent from the files must be tied to a loaded one (the same tensor, e.g. an lm
+    head tied to the embeddings); a missing untied tensor, an unexpected one or a shape mismatch
+    raises ``ValueError`` naming them, before anything is loaded (the model is left as it was).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index}: not a safetensors index ({error})") from None
     else:
         files = ["model.safetensors"]
     state = {}
@@ -76,15 +108,222 @@ def load_model_weights(model: torch.nn.Module, folder: str) -> None:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise ValueError(f"no weights at {path}")
-        state.update(load_file(path))
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError) as error:  # e.g. a file cut short
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
     model = unwrap(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
     current = model.state_dict()
-    untied = [k for k in missing if current[k].data_ptr() not in loaded]
-    if untied or unexpected:
+
+    def tensor_id(t: torch.Tensor) -> tuple:
+        # Tied parameters are one tensor under two names: same storage, offset, shape, stride.
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+    loaded = {tensor_id(current[k]) for k in state if k in current}
+    untied = sorted(k for k in current if k not in state and tensor_id(current[k]) not in loaded)
+    unexpected = sorted(k for k in state if k not in current)
+    mismatched = [f"{k} {tuple(state[k].shape)} (model {tuple(current[k].shape)})"
+                  for k in sorted(state) if k in current and state[k].shape != current[k].shape]
+    if untied or unexpected or mismatched:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {untied}, "
-                         f"unexpected {list(unexpected)}")
+                         f"unexpected {unexpected}, shape mismatch {mismatched}")
+    model.load_state_dict(state, strict=False)
+
+
+# ---- checkpoints that survive a kill or a full disk ------------------------------------------
+
+
+def _checkpoint_folders(folder: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the ``checkpoint-N`` folders in ``folder``, newest first."""
+    found = []
+    for name in os.listdir(folder):
+        match = _CHECKPOINT_NAME.match(name)
+        path = os.path.join(folder, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def _manifest(checkpoint: str) -> dict[str, int]:
+    """Size in bytes of every file under ``checkpoint`` (relative paths), the marker and hidden
+    temporary files (``wmss.io``'s) excepted."""
+    sizes = {}
+    for root, _, names in os.walk(checkpoint):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, checkpoint)
+            if relative == MARKER_FILE or name.startswith("."):
+                continue
+            sizes[relative.replace(os.sep, "/")] = os.path.getsize(path)
+    return sizes
+
+
+def is_complete_checkpoint(checkpoint: str) -> bool:
+    """True if ``checkpoint`` (a ``checkpoint-N`` folder) holds a valid completion marker: written
+    for step N, and every file it lists still there with the size it had when Trainer finished
+    (a file truncated or removed since makes the checkpoint incomplete)."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(checkpoint)))
+    try:
+        with open(os.path.join(checkpoint, MARKER_FILE), encoding="utf-8") as handle:
+            marker = json.load(handle)
+        if match is None or marker.get("global_step") != int(match.group(1)):
+            return False
+        return all(os.path.getsize(os.path.join(checkpoint, *name.split("/"))) == size
+                   for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # no marker, a damaged one, or a listed file gone
+
+
+def last_complete_checkpoint(folder) -> Optional[str]:
+    """The newest ``checkpoint-N`` folder in ``folder`` that ``CompleteCheckpointMarker`` marked
+    complete (see ``is_complete_checkpoint``), or None if there is none or ``folder`` does not
+    exist (a first run). Use it where ``transformers.trainer_utils.get_last_checkpoint`` would pick
+    a half-written checkpoint::
+
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))
+    """
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        return None
+    if not os.path.isdir(folder):
+        raise ValueError(f"last_complete_checkpoint: {folder} is not a directory")
+    for _, path in _checkpoint_folders(folder):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def set_aside_incomplete_checkpoints(folder, after_step: int = 0) -> list[str]:
+    """Rename every ``checkpoint-N`` folder of ``folder`` with ``N > after_step`` that is not
+    complete to ``incomplete-checkpoint-N-<UTC time>``, so that a resumed run's save of step N
+    does not write into a half-written folder (and neither ``get_last_checkpoint`` nor Trainer's
+    checkpoint rotation sees it again). Returns the new paths; warns naming them.
+
+    Renamed, not deleted: a folder without the marker is usually what a killed save left, but it
+    may also be a complete checkpoint written without the marker (by an older wmss, or a Trainer
+    without ``CompleteCheckpointMarker``), and nothing a user has is deleted unasked. Delete the
+    renamed folders to free their space. Safe to call from every process of a distributed run.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved = []
+    for step, path in _checkpoint_folders(folder):
+        if step <= after_step or is_complete_checkpoint(path):
+            continue
+        target = os.path.join(folder, INCOMPLETE_NAME.format(step=step, stamp=stamp))
+        suffix = 1
+        while os.path.exists(target):  # two set-asides of one step within a second
+            target = os.path.join(folder, INCOMPLETE_NAME.format(step=step, stamp=stamp)
+                                  + f"-{suffix}")
+            suffix += 1
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:  # another process of the run set it aside first
+            continue
+        moved.append(target)
+    if moved:
+        warnings.warn(f"checkpoints without a completion marker (half-written by an interrupted "
+                      f"save) set aside: {moved}; delete them to free their space",
+                      stacklevel=2)
+    return moved
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the default process group down before the interpreter finalizes, after a clean exit.
+
+    Why: a gloo process group that is still alive at interpreter exit keeps its worker threads
+    (``pt_gloo_runloop``). When a process exits right after a collective (typically the ranks
+    that do not save, while rank 0 still writes its results), a worker thread may still be
+    releasing that collective's work, whose tensors are Python objects; releasing them takes the
+    GIL, and a thread that takes the GIL during finalization is ended by ``pthread_exit`` inside a
+    C++ ``noexcept`` destructor, hence ``std::terminate`` ("terminate called without an active
+    exception") and SIGABRT, at random, after a successful run. Destroying the group here joins
+    those threads while Python is still whole (atexit runs before finalization). Only after a
+    clean exit: after an unhandled exception a peer may be gone mid-collective, and joining the
+    threads could then wait for gloo's timeout.
+    """
+    distributed = torch.distributed
+    if getattr(sys, "last_value", None) is None and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
+def _destroy_process_group_at_exit_once() -> None:
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        atexit.register(_destroy_process_group_at_exit)
+        _EXIT_HOOK_REGISTERED = True
+
+
+def _wait_for_every_process() -> None:
+    """A barrier when distributed: every process has written its share of the checkpoint (the
+    other ranks' RNG states, sharded states) before one of them marks it complete."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class CompleteCheckpointMarker(TrainerCallback):
+    """Marks a Trainer checkpoint complete once Trainer has finished writing it.
+
+    ``on_save`` (Trainer fires it after ``checkpoint-{global_step}`` is fully written: model,
+    optimizer, scheduler, RNG and trainer state, and after checkpoint rotation) writes
+    ``MARKER_FILE`` into that folder atomically (``wmss.io.atomic_write_json``), listing every
+    file with its size. A kill or a full disk during the save leaves the folder without the
+    marker, and ``last_complete_checkpoint`` skips it. Before a save rewrites an existing
+    ``checkpoint-N`` (a fresh run in a used output folder), the old marker is removed first, so a
+    save interrupted halfway never looks complete.
+
+    ``WMSSTrainer`` adds it; for a plain ``transformers.Trainer`` pass
+    ``callbacks=[CompleteCheckpointMarker()]`` and resume with ``last_complete_checkpoint``.
+    Checkpoints are looked for in ``args.output_dir`` (not in hyperparameter-search run folders).
+    """
+
+    @staticmethod
+    def _folder(args, state) -> str:
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def _unmark(self, args, state) -> None:
+        marker = os.path.join(self._folder(args, state), MARKER_FILE)
+        if args.should_save and os.path.exists(marker):
+            os.remove(marker)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # decided by Trainer's flow callback, which runs first
+            self._unmark(args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._unmark(args, state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best":
+            self._unmark(args, state)  # whether a save follows is decided after this event
+
+    def on_save(self, args, state, control, **kwargs):
+        _wait_for_every_process()
+        folder = self._folder(args, state)
+        if args.should_save and os.path.isdir(folder):
+            atomic_write_json(os.path.join(folder, MARKER_FILE),
+                              {"global_step": state.global_step, "files": _manifest(folder)},
+                              indent=1)
+
+
+def _resume_step(checkpoint: str) -> int:
+    """The global step a checkpoint resumes at; ``ValueError`` if it is not a Trainer checkpoint."""
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"resume_from_checkpoint={checkpoint!r} is not a directory")
+    path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return int(json.load(handle)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"resume_from_checkpoint={checkpoint!r} is not a complete Trainer "
+                         f"checkpoint: no readable {TRAINER_STATE_FILE} ({error})") from None
 
 
 class WMSSTrainerMixin:
@@ -97,10 +336,95 @@ class WMSSTrainerMixin:
                             f"{type(model).__name__}")
         return model
 
-    def _check_wmss_args(self) -> None:
+    def _setup_wmss(self) -> None:
+        """After Trainer's ``__init__``: refuse what the pair cannot do; mark checkpoints."""
         if getattr(self.args, "label_smoothing_factor", 0):
             raise ValueError("label_smoothing_factor needs the full logits, which WMSS never "
                              "builds; set it to 0")
+        if not any(isinstance(cb, CompleteCheckpointMarker)
+                   for cb in self.callback_handler.callbacks):
+            self.add_callback(CompleteCheckpointMarker())  # last: after the user's callbacks
+        self._wmss_window, self._wmss_aux_seen = None, False
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete*
+        checkpoint of ``args.output_dir`` (``last_complete_checkpoint``), not from a newer one a
+        killed save left half-written (``ValueError`` if there is none: pass
+        ``last_complete_checkpoint(output_dir)`` to resume when possible and start afresh
+        otherwise). Whatever the start, half-written checkpoint folders past it are set aside
+        (``set_aside_incomplete_checkpoints``) so that this run's saves do not write into them."""
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is True:
+            found = last_complete_checkpoint(output_dir)
+            if found is None:
+                present = ([os.path.basename(p) for _, p in _checkpoint_folders(output_dir)]
+                           if os.path.isdir(output_dir) else [])
+                raise ValueError(
+                    f"resume_from_checkpoint=True: no complete checkpoint in {output_dir} (found "
+                    f"{present or 'none'}; a checkpoint is complete once {MARKER_FILE} marks it). "
+                    "Pass a checkpoint's path to resume from it anyway, or None to start afresh")
+            resume_from_checkpoint = found
+        start = 0
+        if resume_from_checkpoint is not None:
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+            start = _resume_step(resume_from_checkpoint)
+        if self.args.should_save:
+            set_aside_incomplete_checkpoints(output_dir, after_step=start)
+        self._wmss_window, self._wmss_aux_seen = None, False
+        _destroy_process_group_at_exit_once()  # see there: a random SIGABRT at exit otherwise
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device=None):
+        """The next ``num_batches`` micro-batches of one optimizer step and their supervised-token
+        count (``num_items_in_batch``), counted here rather than by Trainer (see the module doc).
+
+        The signature covers transformers 4.46/4.47 (``epoch_iterator, num_batches``) and 4.48+
+        (``..., device``)."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        return batch_samples, self._count_supervised(
+            batch_samples, self.args.device if device is None else device)
+
+    def _count_supervised(self, batch_samples: list, device):
+        """Supervised next-token targets of ``batch_samples`` (int64 tensor on ``device``): the
+        shifted labels (``shift_labels`` where the collator gives them) that are not the pair's
+        ``ignore_index``; over all processes when ``average_tokens_across_devices``, as Trainer
+        expects when it rescales the loss by the process count. None without labels."""
+        ignore_index = self._wmss_pair().ignore_index
+        total = None
+        for batch in batch_samples:
+            if "shift_labels" in batch:
+                targets = batch["shift_labels"]
+            elif "labels" in batch:
+                targets = batch["labels"]
+                targets = targets[..., 1:] if isinstance(targets, torch.Tensor) else None
+            else:
+                targets = None
+            if not isinstance(targets, torch.Tensor):
+                return None
+            count = (targets != ignore_index).sum().to(device)
+            total = count if total is None else total + count
+        if total is None:
+            return None
+        args = self.args
+        if args.average_tokens_across_devices and args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        elif args.n_gpu > 1:  # DataParallel without token averaging: Trainer's approximation
+            total = total // args.n_gpu
+        if args.n_gpu > 1 and total.dim() == 0:  # DataParallel scatters one count per replica
+            total = total.unsqueeze(0).expand(args.n_gpu, -1)
+        # Ranks that share one batch (tensor/context/sequence parallel) count it once, as in
+        # Trainer's own count (transformers >= 4.5x; absent before: a size of 1).
+        shared = 1
+        for size in ("get_tp_size", "get_cp_size", "get_sp_size"):
+            shared *= getattr(self, size, lambda: 1)()
+        return total if shared == 1 else total / shared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Trainer's own compute_loss (not a subclass's, e.g. TRL's, which expects its own outputs):
@@ -108,19 +432,34 @@ class WMSSTrainerMixin:
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         if model.training and outputs.get("strong_loss") is not None:
-            # Accumulate on the device; read back only when Trainer logs (no per-step host sync).
-            sums = getattr(self, "_wmss_sums", None)
-            values = torch.stack([outputs[name].detach().float() for name in _LOGGED])
-            self._wmss_sums = values if sums is None else sums + values
-            self._wmss_steps = getattr(self, "_wmss_steps", 0) + 1
+            self._accumulate_logged(outputs)
         return (loss, outputs) if return_outputs else loss
 
+    def _accumulate_logged(self, outputs) -> None:
+        """Add one micro-batch's statistics to the logging window, weighted by its supervised
+        tokens (so the logged value is the window's per-token mean). Accumulated on the device;
+        read back only when Trainer logs (no per-step host sync)."""
+        tokens = outputs["num_tokens"].detach().float().reshape(-1)  # one value per DP replica
+        aux = outputs.get("aux_loss")
+        self._wmss_aux_seen = self._wmss_aux_seen or aux is not None
+        values = [outputs[name].detach().float().reshape(-1) for name in _LOGGED]
+        values.append(torch.zeros_like(tokens) if aux is None
+                      else aux.detach().float().reshape(-1).expand_as(tokens))
+        window = torch.cat([(torch.stack(values) * tokens).sum(-1), tokens.sum()[None]])
+        self._wmss_window = window if self._wmss_window is None else self._wmss_window + window
+
     def log(self, logs: dict, *args, **kwargs) -> None:
-        sums = getattr(self, "_wmss_sums", None)
-        if sums is not None and "loss" in logs:
-            means = (sums / self._wmss_steps).tolist()
-            logs.update({name: round(value, 6) for name, value in zip(_LOGGED, means)})
-            self._wmss_sums, self._wmss_steps = None, 0
+        if "loss" in logs:  # Trainer's training log, on every process at the same step
+            window = self._wmss_window
+            if self.args.world_size > 1:  # the window of every process: the whole batch's mean
+                if window is None:
+                    window = torch.zeros(len(_LOGGED) + 2, device=self.args.device)
+                window = self.accelerator.reduce(window, reduction="sum")
+            if window is not None and float(window[-1]) > 0:
+                *sums, tokens = window.tolist()
+                names = _LOGGED + ((AUX_LOGGED,) if self._wmss_aux_seen else ())
+                logs.update({name: round(value / tokens, 6) for name, value in zip(names, sums)})
+            self._wmss_window = None
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
@@ -166,7 +505,7 @@ class WMSSTrainer(WMSSTrainerMixin, Trainer):
         if kwargs.get("data_collator") is None and tokenizer is not None:
             kwargs["data_collator"] = Collator(pad_token_id(tokenizer))
         super().__init__(model, args, *trainer_args, **kwargs)
-        self._check_wmss_args()
+        self._setup_wmss()
 
 
 def _sft_trainer_class():
@@ -190,7 +529,7 @@ def _sft_trainer_class():
                                 f"{type(model).__name__}")
             super().__init__(model, *trainer_args, **kwargs)
             vars(unwrap(self.model)).pop("forward", None)  # undo TRL's instance-level patch
-            self._check_wmss_args()
+            self._setup_wmss()
 
     return WMSSSFTTrainer
 
