@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from . import defaults
-from .data import Collator, data_sha256, load_dataset_file, pad_token_id
+from .data import Collator, data_sha256, encode_records, pad_token_id, read_records
 from .hf import load_causal_lm
 from .io import atomic_write_json, directory_lock
 from .selection import SelectionOptions
@@ -249,9 +249,10 @@ class Pipeline:
                 raise ValueError(f"the data file {c.data} changed since the run in {self.root} "
                                  "started (its SHA-256 differs); the run's stages index its "
                                  "records, so restore the file or start a new output directory")
+        records = read_records(c.data)  # before any download: errors name file:line
         source = c.tokenizer or c.base_model or c.strong_model
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.dataset = load_dataset_file(c.data, self.tokenizer, c.max_length)
+        self.dataset = encode_records(records, self.tokenizer, c.max_length)
         if existing is None:
             atomic_write_json(os.path.join(self.root, RUN_FILE), wanted, indent=2)
         self.log(f"[wmss] {len(self.dataset)} examples from {c.data}")

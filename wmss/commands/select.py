@@ -201,8 +201,9 @@ def _select(args) -> int:
     device = _device(args.device)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"--output-dir {args.output_dir} exists and is not a directory")
+    records = data.read_records(args.data)  # before any download: errors name file:line
     tokenizer = AutoTokenizer.from_pretrained(args.strong)
-    dataset = data.load_dataset_file(args.data, tokenizer, args.max_length)  # errors: file:line
+    dataset = data.encode_records(records, tokenizer, args.max_length)
     for model in (args.strong, args.weak):
         AutoConfig.from_pretrained(model)  # a path that is no model fails here, not later
 
