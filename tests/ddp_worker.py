@@ -29,14 +29,21 @@ def main(out_path: str, per_device_batch: int, accumulation: int) -> None:
     trainer.train()
     if trainer.args.process_index == 0:
         torch.save({"grads": capture.grads, "log_history": trainer.state.log_history}, out_path)
-    # Tear the gloo process group down before the interpreter exits, on every rank. Left alive,
-    # its worker threads may still be releasing the last collective's Python tensors when the
-    # interpreter finalizes (rank 1 exits while rank 0 still saves): such a thread takes the GIL
-    # and is ended by pthread_exit inside a C++ noexcept destructor -> std::terminate
-    # ("terminate called without an active exception"), SIGABRT, a failed torchrun. The barrier
-    # first: no rank tears its connections down while another still uses them.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # Exit without interpreter finalization. The gloo process group's worker threads release
+    # each finished collective's tensors themselves, and releasing a tensor Python also sees
+    # takes the GIL (seen with torch 2.13). A rank that exits right after its last collective
+    # (rank 1, while rank 0 still saves) can finalize the interpreter while a worker still waits
+    # for the GIL; Python ends such a thread with pthread_exit, inside a C++ noexcept destructor:
+    # std::terminate ("terminate called without an active exception"), SIGABRT, a failed
+    # torchrun. destroy_process_group() is no cure: the group dies later, when the DDP model
+    # holding it is freed, and its destructor joins the worker threads while holding the GIL
+    # the worker waits for (a deadlock, seen 1 in 30). So: every rank past its last collective
+    # (the barrier), the result written and closed, output flushed, then os._exit.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,18 @@ def test_num_items_in_batch_is_counted_with_the_pairs_ignore_index_on_shifted_la
     assert_same_gradients(capture.grads, full_batch_gradient(ignore_index=-1))
 
 
+def test_the_evaluation_loss_is_the_token_mean_with_the_pairs_ignore_index(tmp_path):
+    """Evaluation gives eval_loss (the pair's optional shift_labels is not a required label),
+    counted with the pair's ignore_index (-1 here)."""
+    evaluated = make_pair(ignore_index=-1)
+    trainer = WMSSTrainer(evaluated, sgd_args(tmp_path, per_device_eval_batch_size=8),
+                          data_collator=LabelCollator(-1))
+    eval_loss = trainer.evaluate(eval_dataset=examples(ignore_index=-1))["eval_loss"]
+    with torch.no_grad():
+        want = evaluated(**LabelCollator(-1)(examples(ignore_index=-1))).loss.item()
+    assert eval_loss == pytest.approx(want, rel=1e-5)
+
+
 LOGGED = ("strong_loss", "weak_loss", "entropy_strong", "entropy_weak", "mixed_fraction")
 LOG_TOLERANCE = 2e-5  # the logs are rounded to 6 decimals; float32 forward
 

@@ -29,12 +29,10 @@ LM head, which would train the strong model alone (the pair refuses with an erro
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from typing import Optional
@@ -230,36 +228,6 @@ def set_aside_incomplete_checkpoints(folder, after_step: int = 0) -> list[str]:
     return moved
 
 
-_EXIT_HOOK_REGISTERED = False
-
-
-def _destroy_process_group_at_exit() -> None:
-    """Tear the default process group down before the interpreter finalizes, after a clean exit.
-
-    Why: a gloo process group that is still alive at interpreter exit keeps its worker threads
-    (``pt_gloo_runloop``). When a process exits right after a collective (typically the ranks
-    that do not save, while rank 0 still writes its results), a worker thread may still be
-    releasing that collective's work, whose tensors are Python objects; releasing them takes the
-    GIL, and a thread that takes the GIL during finalization is ended by ``pthread_exit`` inside a
-    C++ ``noexcept`` destructor, hence ``std::terminate`` ("terminate called without an active
-    exception") and SIGABRT, at random, after a successful run. Destroying the group here joins
-    those threads while Python is still whole (atexit runs before finalization). Only after a
-    clean exit: after an unhandled exception a peer may be gone mid-collective, and joining the
-    threads could then wait for gloo's timeout.
-    """
-    distributed = torch.distributed
-    if getattr(sys, "last_value", None) is None and distributed.is_initialized():
-        distributed.destroy_process_group()
-
-
-def _destroy_process_group_at_exit_once() -> None:
-    global _EXIT_HOOK_REGISTERED
-    if not _EXIT_HOOK_REGISTERED and torch.distributed.is_available() \
-            and torch.distributed.is_initialized():
-        atexit.register(_destroy_process_group_at_exit)
-        _EXIT_HOOK_REGISTERED = True
-
-
 def _wait_for_every_process() -> None:
     """A barrier when distributed: every process has written its share of the checkpoint (the
     other ranks' RNG states, sharded states) before one of them marks it complete."""
@@ -344,6 +312,11 @@ class WMSSTrainerMixin:
         if not any(isinstance(cb, CompleteCheckpointMarker)
                    for cb in self.callback_handler.callbacks):
             self.add_callback(CompleteCheckpointMarker())  # last: after the user's callbacks
+        if self.args.label_names is None:
+            # Trainer takes every forward argument named "*label*" as a label it requires, and
+            # evaluates without a loss unless all are given: the pair's optional shift_labels
+            # would leave evaluation without eval_loss.
+            self.label_names = ["labels"]
         self._wmss_window, self._wmss_aux_seen = None, False
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -373,7 +346,6 @@ class WMSSTrainerMixin:
         if self.args.should_save:
             set_aside_incomplete_checkpoints(output_dir, after_step=start)
         self._wmss_window, self._wmss_aux_seen = None, False
-        _destroy_process_group_at_exit_once()  # see there: a random SIGABRT at exit otherwise
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device=None):
@@ -390,6 +362,10 @@ class WMSSTrainerMixin:
                 break
         return batch_samples, self._count_supervised(
             batch_samples, self.args.device if device is None else device)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        """Trainer's own count (transformers 5.x, also used for the evaluation loss): ours."""
+        return self._count_supervised(batch_samples, device)
 
     def _count_supervised(self, batch_samples: list, device):
         """Supervised next-token targets of ``batch_samples`` (int64 tensor on ``device``): the
@@ -413,7 +389,7 @@ class WMSSTrainerMixin:
         if total is None:
             return None
         args = self.args
-        if args.average_tokens_across_devices and args.world_size > 1:
+        if getattr(args, "average_tokens_across_devices", False) and args.world_size > 1:
             total = self.accelerator.gather(total).sum()
         elif args.n_gpu > 1:  # DataParallel without token averaging: Trainer's approximation
             total = total // args.n_gpu
