@@ -267,3 +267,14 @@ def test_data_sha256_is_the_digest_of_the_whole_file(tmp_path):
     path.write_bytes(content[:-1] + b"\x00")  # an edit in the last chunk
     assert data.data_sha256(str(path)) == hashlib.sha256(content[:-1] + b"\x00").hexdigest()
     assert data.data_sha256(path) != hashlib.sha256(content).hexdigest()
+
+
+def test_text_that_is_no_text_is_refused_naming_the_line(tmp_path):
+    """A lone surrogate (a legal JSON escape) cannot be tokenised; deep nesting cannot be parsed."""
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: 'text' holds an unpaired surrogate"):
+        data.read_records(path)
+    path.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: nested too deeply"):
+        data.read_records(path)

@@ -210,6 +210,8 @@ def test_the_round_model_is_the_trained_strong_model(recorded_round):
     saved = weights(report["final_model"])
     assert _same_state(saved, trained["strong"])
     assert not _same_state(saved, trained["weak"])
+    # Trained, not the strong model the round started from (M1, the SFT's output).
+    assert not _same_state(saved, weights(os.path.join(settings.output_dir, "sft", "model")))
 
 
 def test_joint_training_runs_on_the_active_set_alone(recorded_round):
@@ -260,6 +262,7 @@ def test_a_rerun_with_another_seed_is_refused(recorded_round):
     ["--gap-threshold", "nan"], ["--lr", "0"], ["--rounds", "-1"], ["--sft-epochs", "0"],
     ["--batch-size", "0"], ["--grad-accum", "0"], ["--warmup-ratio", "1"],
     ["--alpha", "0", "--beta", "0", "--gamma", "0"], ["--seed", "-1"],
+    ["--gap-threshold", "inf"],
 ])
 def test_bad_options_are_refused_before_any_work(workspace, monkeypatch, capsys, option):
     root, base, data = workspace
@@ -389,3 +392,81 @@ def test_a_kill_between_saving_a_model_and_its_report_resumes_from_the_checkpoin
     saved = weights(rerun["final_model"])
     for name, want in weights(straight["final_model"]).items():
         assert torch.allclose(saved[name], want, rtol=1e-5, atol=1e-6), name
+
+
+def _refused_before_any_work(settings, match, monkeypatch):
+    """The run raises ``match`` and leaves no run.json behind: the corrected rerun is free."""
+    monkeypatch.setattr("transformers.Trainer.train",
+                        lambda *a, **k: pytest.fail("trained despite bad input"))
+    with pytest.raises(ValueError, match=match):
+        Pipeline(settings, verbose=False).run()
+    assert not os.path.exists(os.path.join(settings.output_dir, "run.json"))
+
+
+def test_a_model_path_that_holds_no_model_is_refused_before_any_work(workspace, tmp_path,
+                                                                     monkeypatch):
+    root, base, data = workspace
+    tokenizer_only = tmp_path / "tokenizer-only"
+    char_tokenizer().save_pretrained(tokenizer_only)
+    for overrides, name in ((dict(base_model=str(tokenizer_only)), "base_model"),
+                            (dict(base_model=None, weak_model=base,
+                                  strong_model=str(tmp_path / "no-such-model")), "strong_model"),
+                            (dict(base_model=data), "base_model")):
+        settings = config(root, base, data, f"no-model-{name}", **overrides)
+        _refused_before_any_work(settings, rf"{name}: no model can be loaded", monkeypatch)
+
+
+def test_data_with_nothing_to_train_on_is_refused_before_any_work(workspace, monkeypatch):
+    root, base, data = workspace  # every prompt is 4+ tokens: max_length 3 leaves no target
+    settings = config(root, base, data, "nothing-supervised", max_length=3)
+    _refused_before_any_work(settings, "no record has a supervised token .*max_length=3",
+                             monkeypatch)
+
+
+def test_extra_training_args_are_checked_before_any_work(workspace, monkeypatch):
+    root, base, data = workspace
+    with pytest.raises(ValueError, match=r"\['seed'\] are set by the pipeline.*seed -> seed"):
+        config(root, base, data, "extra", extra_training_args={"seed": 1})
+    settings = config(root, base, data, "extra", extra_training_args={"lr_scheduler_type": "x"})
+    _refused_before_any_work(settings, "extra_training_args: TrainingArguments refuses",
+                             monkeypatch)
+
+
+def test_an_identical_rerun_continues_whatever_json_makes_of_the_settings(workspace):
+    root, base, data = workspace
+    settings = config(root, base, data, "tuple-settings", rounds=0, sft_epochs=0.5,
+                      extra_training_args={"label_names": ("labels",)})
+    Pipeline(settings, verbose=False).run()
+    logged = []
+    Pipeline(settings, log=logged.append, verbose=False).run()  # a tuple comes back a list
+    assert "[wmss] sft: done earlier, skipped" in logged
+
+
+@pytest.mark.parametrize("damage", ["", "[1, 2]", "{not json"])
+def test_a_damaged_record_of_the_run_is_named(workspace, damage):
+    root, base, data = workspace
+    settings = config(root, base, data, "damaged", rounds=0, sft_epochs=0.5)
+    Pipeline(settings, verbose=False).run()
+    report = root / "damaged" / "sft" / "report.json"
+    original = report.read_text()
+    report.write_text(damage)
+    try:
+        with pytest.raises(ValueError, match=rf"{report} is damaged .*delete {report.parent}"):
+            Pipeline(settings, verbose=False).run()
+    finally:
+        report.write_text(original)
+
+
+def test_a_damaged_active_set_is_named(recorded_round, tmp_path):
+    settings, _, _ = recorded_round
+    path = os.path.join(settings.output_dir, "round-1", "selection", "active_indices.json")
+    original = open(path).read()
+    try:
+        for damage in ("[]", "[0, 1000]", '["a"]'):
+            with open(path, "w") as handle:
+                handle.write(damage)
+            with pytest.raises(ValueError, match=rf"{path} is damaged .*record indices"):
+                Pipeline(settings, verbose=False).run()
+    finally:
+        with open(path, "w") as handle:
+            handle.write(original)

@@ -107,6 +107,11 @@ def _json_type(value) -> str:
 def _check_string(where: str, field: str, value) -> None:
     if not isinstance(value, str):
         raise ValueError(f"{where}: {field} must be a string, got {_json_type(value)}")
+    try:  # JSON's \ud800-style escapes can spell lone surrogates, which are no text to tokenise
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{where}: {field} holds an unpaired surrogate (an invalid \\u escape "
+                         f"at character {error.start + 1}), which is not text") from None
 
 
 def _check_record(record, where: str) -> str:
@@ -205,6 +210,8 @@ def read_records(path: Union[str, os.PathLike]) -> list[Record]:
                                  f"{error.colno})") from None
             except _RefusedJSON as error:
                 raise ValueError(f"{where}: not valid JSON ({error})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: nested too deeply to be a record") from None
             if not isinstance(fields, dict):
                 raise ValueError(f"{where}: each line must be a JSON object, got "
                                  f"{_json_type(fields)}")

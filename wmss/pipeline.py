@@ -34,7 +34,8 @@ from typing import Callable, Optional
 import torch
 
 from . import defaults
-from .data import Collator, data_sha256, encode_records, pad_token_id, read_records
+from .data import (Collator, data_sha256, encode_records, pad_token_id, read_records,
+                   supervised_tokens)
 from .hf import load_causal_lm
 from .io import atomic_write_json, directory_lock
 from .selection import SelectionOptions
@@ -42,6 +43,16 @@ from .validation import BACKENDS, check_choice, check_flag, check_gap_threshold,
 
 RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
 DTYPES = ("float32", "bfloat16", "float16")
+# TrainingArguments the pipeline sets from its own settings (so extra_training_args may not).
+PIPELINE_TRAINING_ARGS = {
+    "output_dir": "output_dir", "num_train_epochs": "sft_epochs / wmss_epochs",
+    "learning_rate": "learning_rate", "warmup_ratio": "warmup_ratio",
+    "warmup_steps": "warmup_ratio", "max_grad_norm": "max_grad_norm",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps", "bf16": "bf16",
+    "activation_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing": "activation_checkpointing", "seed": "seed",
+    "save_steps": "save_steps", "logging_steps": "logging_steps", "use_cpu": "use_cpu"}
 # Settings that change how a run is carried out but not what it computes: a rerun may change them.
 VOLATILE_SETTINGS = ("output_dir", "logging_steps", "selection_batch_size", "backend", "use_cpu")
 
@@ -67,6 +78,16 @@ def _check_real(name: str, value, *, low: float, high: float = math.inf,
         raise ValueError(f"{name} must be a finite number {'in ' if math.isfinite(high) else ''}"
                          f"{interval}, got {value}")
     return value
+
+
+def _check_model_source(name: str, source: str) -> None:
+    """A model path or hub name must hold a model config; ``ValueError`` naming the setting."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{name}: no model can be loaded from {source!r} ({error})") from None
 
 
 def _absolute_if_local(path: Optional[str]) -> Optional[str]:
@@ -148,6 +169,9 @@ class PipelineConfig:
             raise ValueError("rounds must be >= 1 (or 0 with base_model: SFT only), got 0")
         self.lam = check_lam(self.lam)
         self.gap_threshold = check_gap_threshold(self.gap_threshold)
+        if self.gap_threshold is not None and not math.isfinite(self.gap_threshold):
+            raise ValueError(f"gap_threshold must be finite or None (no gap masking), got "
+                             f"{self.gap_threshold}")
         self.selection_options()  # alpha, beta, gamma, normalize, entropy_term, draws, seed
         check_flag("train_weak", self.train_weak)
         for name in ("sft_epochs", "wmss_epochs", "learning_rate"):
@@ -172,6 +196,11 @@ class PipelineConfig:
         unknown = sorted(set(self.extra_training_args) - fields)
         if unknown:
             raise ValueError(f"extra_training_args: not TrainingArguments fields: {unknown}")
+        own = sorted(set(self.extra_training_args) & set(PIPELINE_TRAINING_ARGS))
+        if own:
+            raise ValueError(f"extra_training_args: {own} are set by the pipeline; use the "
+                             "setting of their own instead: "
+                             + ", ".join(f"{k} -> {PIPELINE_TRAINING_ARGS[k]}" for k in own))
 
     def selection_options(self) -> SelectionOptions:
         """The WD-DS options of every round (validated by ``SelectionOptions``)."""
@@ -188,11 +217,32 @@ class PipelineConfig:
         return settings
 
 
-def _read_json(path: str) -> Optional[dict]:
+def _read_json(path: str, kind: type = dict):
+    """The JSON document at ``path`` (None if absent); a damaged one is a ``ValueError`` naming it."""
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except (OSError, ValueError) as error:
+        document, problem = None, str(error)
+    else:
+        problem = None if isinstance(document, kind) else f"not a JSON {kind.__name__}"
+    if problem is not None:
+        raise ValueError(f"{path} is damaged ({problem}); it is wmss's own record of the run: "
+                         f"delete {os.path.dirname(path)} to redo that part, or start a new "
+                         "output directory")
+    return document
+
+
+def _read_active(path: str, size: int) -> list[int]:
+    """A selection stage's active indices, checked against the data set's ``size``."""
+    active = _read_json(path, list)
+    if active is None or not active or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < size for i in active):
+        raise ValueError(f"{path} is damaged (not a non-empty list of record indices below "
+                         f"{size}); delete {os.path.dirname(path)} to redo the selection")
+    return active
 
 
 def _save_model_atomically(model, tokenizer, final_dir: str) -> None:
@@ -236,7 +286,9 @@ class Pipeline:
             hf_logging.disable_progress_bar()
 
         c = self.config
-        wanted = {"config": c.fingerprint(), "data_sha256": data_sha256(c.data)}
+        # As JSON stores it (tuples become lists), so that an identical rerun compares equal.
+        wanted = json.loads(json.dumps({"config": c.fingerprint(),
+                                        "data_sha256": data_sha256(c.data)}))
         existing = _read_json(os.path.join(self.root, RUN_FILE))
         if existing is not None:
             if existing.get("config") != wanted["config"]:
@@ -250,9 +302,26 @@ class Pipeline:
                                  "started (its SHA-256 differs); the run's stages index its "
                                  "records, so restore the file or start a new output directory")
         records = read_records(c.data)  # before any download: errors name file:line
-        source = c.tokenizer or c.base_model or c.strong_model
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        for name in ("base_model", "weak_model", "strong_model"):
+            if getattr(c, name) is not None:
+                _check_model_source(name, getattr(c, name))
+        source_name = next(n for n in ("tokenizer", "base_model", "strong_model")
+                           if getattr(c, n) is not None)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(getattr(c, source_name))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{source_name}: no tokenizer can be loaded from "
+                             f"{getattr(c, source_name)!r} ({error})") from None
         self.dataset = encode_records(records, self.tokenizer, c.max_length)
+        if not any(supervised_tokens(example) for example in self.dataset):
+            raise ValueError(f"{c.data}: no record has a supervised token after encoding with "
+                             f"max_length={c.max_length} (prompts fill every sequence, or "
+                             "nothing is marked for training): there is nothing to train on")
+        try:  # a dry run: values TrainingArguments refuses fail now, not after the SFT
+            self._training_args(os.path.join(self.root, CHECKPOINTS_DIR), c.sft_epochs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"extra_training_args: TrainingArguments refuses them: "
+                             f"{error}") from None
         if existing is None:
             atomic_write_json(os.path.join(self.root, RUN_FILE), wanted, indent=2)
         self.log(f"[wmss] {len(self.dataset)} examples from {c.data}")
@@ -267,9 +336,9 @@ class Pipeline:
             per_device_train_batch_size=c.batch_size,
             gradient_accumulation_steps=c.gradient_accumulation_steps, bf16=c.bf16,
             activation_checkpointing=c.activation_checkpointing, seed=c.seed,
-            save_strategy="steps", save_steps=c.save_steps, save_total_limit=2,
-            logging_steps=c.logging_steps, use_cpu=c.use_cpu, weight_decay=0.0,
-            disable_tqdm=True, **c.extra_training_args)
+            save_steps=c.save_steps, logging_steps=c.logging_steps, use_cpu=c.use_cpu,
+            **{"save_strategy": "steps", "save_total_limit": 2, "weight_decay": 0.0,
+               "disable_tqdm": True, **c.extra_training_args})
 
     def _train(self, trainer, checkpoints: str):
         """``trainer.train()``, resuming from the stage's last complete checkpoint if any."""
@@ -384,7 +453,8 @@ class Pipeline:
         for t in range(1, c.rounds + 1):
             selection = self._stage(f"round-{t}/selection",
                                     lambda d: self._select(d, weak, strong))
-            active = _read_json(os.path.join(self.root, f"round-{t}", "selection", ACTIVE_FILE))
+            active = _read_active(os.path.join(self.root, f"round-{t}", "selection",
+                                               ACTIVE_FILE), len(self.dataset))
             trained = self._stage(f"round-{t}/train",
                                   lambda d: self._joint_train(d, weak, strong, active))
             stages += [selection, trained]

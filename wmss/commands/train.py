@@ -10,7 +10,6 @@ import json
 import sys
 
 from .. import defaults
-from ..io import DirectoryInUseError
 from ..pipeline import Pipeline, PipelineConfig
 from .select import add_selection_arguments, selection_options
 
@@ -74,7 +73,7 @@ def config_from_args(args) -> PipelineConfig:
 def run(args) -> int:
     try:
         report = Pipeline(config_from_args(args)).run()
-    except (ValueError, TypeError, DirectoryInUseError) as error:  # bad input: a message
+    except (ValueError, TypeError, OSError) as error:  # bad input or files: a message
         print(f"wmss train: error: {error}", file=sys.stderr)
         return 1
     print(json.dumps({"final_model": report["final_model"],
