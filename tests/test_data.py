@@ -30,7 +30,7 @@ def test_chat_messages_supervise_every_assistant_turn_only(tokenizer):
                 {"role": "assistant", "content": "4"}]
     example = encode_record({"messages": messages}, tokenizer)
     ids, labels = example["input_ids"], example["labels"]
-    assert ids == tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     supervised = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
     assert supervised == "yo<eos>4<eos>"
 
@@ -190,7 +190,7 @@ def test_a_conversation_opening_with_an_assistant_turn_supervises_it_from_the_st
                 {"role": "assistant", "content": "4"}]
     example = encode_record({"messages": messages}, tokenizer, where="x")
     ids, labels = example["input_ids"], example["labels"]
-    assert ids == tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     supervised = [t for t, label in zip(ids, labels) if label != -100]
     unsupervised = [t for t, label in zip(ids, labels) if label == -100]
     assert [label for label in labels if label != -100] == supervised

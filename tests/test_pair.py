@@ -113,6 +113,10 @@ def test_output_carries_the_fused_statistics():
     assert math.isclose(out.strong_loss.item(), ce.item(), rel_tol=1e-5)
     assert 0 <= out.mixed_fraction.item() <= 1
     assert "logits" not in out
+    # A trainer that reads the logits expects a plain causal LM: it is told which trainer to use.
+    with pytest.raises(AttributeError, match="train the pair with wmss.trainer.WMSSSFTTrainer"):
+        out.logits
+    assert getattr(out, "logits", None) is None
 
 
 def test_save_pretrained_writes_the_strong_model_alone(tmp_path):
@@ -268,5 +272,8 @@ def test_a_router_loss_wmss_cannot_call_is_refused_when_the_config_asks_for_it()
         pass
 
     config = tiny_moe("mixtral", seed=1, output_router_logits=True).config
+    # The built model chose its experts implementation (grouped_mm), which transformers 5.0 to
+    # 5.13 cannot give a model class defined outside transformers: let the new class choose its own.
+    config._experts_implementation = None
     with pytest.raises(ValueError, match="strong model: OtherRouterLoss.*output_router_logits"):
         wmss.apply_wmss(OtherRouterLoss(config), tiny_moe("mixtral", seed=2))

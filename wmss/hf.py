@@ -9,7 +9,7 @@
 
 Anything else is caught by ``LMHead.verify``, which compares the model's own logits with
 ``LMHead.logits`` on a few tokens and raises if they differ. ``final_hidden_states`` runs the
-model's backbone (``model.base_model``, after its final norm) and never computes logits;
+model's backbone (``backbone(model)``, after its final norm) and never computes logits;
 ``RouterAux.of(model)`` is a mixture-of-experts model's router load-balancing loss, as its own
 class adds it to the loss. PEFT wrappers are unwrapped first; nothing is patched, so the weak
 model, which shares the class, is untouched.
@@ -63,7 +63,7 @@ class LMHead:
         if type(head) is not nn.Linear:  # a subclass or wrapper (e.g. LoRA on the head) may add terms
             raise ValueError(f"{name}'s output layer is {type(head).__name__}, not a plain "
                              "torch.nn.Linear; wmss supports plain linear lm heads")
-        if model.base_model is model:
+        if backbone(model) is model:
             raise ValueError(f"{name} has no separate backbone (base_model is the model itself)")
         config = getattr(model, "config", None)
         softcap = getattr(config, "final_logit_softcapping", None)
@@ -115,14 +115,24 @@ class LMHead:
                              "wmss does not support")
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder under a causal LM's head: ``model.base_model``, or ``model.model`` where
+    ``base_model`` is the model itself (transformers 4.x's Gemma3ForCausalLM declares
+    ``base_model_prefix = "language_model"`` but keeps its decoder in ``model``)."""
+    inner = model.base_model
+    if inner is model and isinstance(getattr(model, "model", None), nn.Module):
+        inner = model.model
+    return inner
+
+
 def backbone_outputs(model: nn.Module, input_ids: torch.Tensor,
                      attention_mask: Optional[torch.Tensor] = None, **kwargs):
-    """The backbone's (``model.base_model``) ``ModelOutput``: ``last_hidden_state`` ``(batch, seq,
+    """The backbone's (``backbone(model)``) ``ModelOutput``: ``last_hidden_state`` ``(batch, seq,
     d)`` after the final norm, and e.g. ``router_logits`` when ``output_router_logits=True`` is
     passed to an MoE backbone. No logits are computed."""
-    backbone = unwrap(model).base_model
+    inner = backbone(unwrap(model))
     kwargs.update(use_cache=False, return_dict=True)  # training: no KV cache, a ModelOutput back
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,

@@ -64,6 +64,20 @@ class WMSSOutput(ModelOutput):
     aux_loss: Optional[torch.Tensor] = None
     stats: Optional[TokenStats] = None
 
+    @property
+    def logits(self):
+        """Never built: reading them raises ``AttributeError`` saying which trainer to use."""
+        # TRL's SFTTrainer of older releases (0.19, for one) runs the pair's forward, then reads
+        # outputs.logits for its token accuracy; without this it fails with a bare "'WMSSOutput'
+        # object has no attribute 'logits'".
+        raise AttributeError(_NO_LOGITS)
+
+
+_NO_LOGITS = (
+    "WMSSOutput has no logits (the pair never builds them): the trainer that read them expects a "
+    "plain causal LM (TRL's SFTTrainer does), not a WMSSPair; train the pair with "
+    "wmss.trainer.WMSSSFTTrainer or wmss.WMSSTrainer instead.")
+
 
 _NO_BACKBONE = (
     "WMSSPair has no single backbone (base_model): something tried to run the strong model's "

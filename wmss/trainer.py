@@ -5,9 +5,12 @@ What it adds to Trainer:
 * gradient accumulation that counts the supervised tokens itself (``get_batch_samples``): on the
   shifted labels of every micro-batch of the accumulated batch, with the pair's own
   ``ignore_index``, summed over processes under ``average_tokens_across_devices`` (Trainer then
-  rescales the loss by the process count, so DDP's gradient mean is the global token mean). The
-  loss scaling does not depend on how the installed transformers counts (versions differ:
-  unshifted labels, a hard-coded -100);
+  rescales the loss by the process count, so DDP's gradient mean is the global token mean;
+  ``training_arguments`` sets it, the default only from transformers 4.54 on). With it False,
+  each process divides by its own count and Trainer does not rescale: DDP's gradient mean is then
+  the mean of the processes' token means (Trainer's own meaning of False). The loss scaling does
+  not depend on how the installed transformers counts (versions differ: unshifted labels, a
+  hard-coded -100);
 * logging of the mixed loss together with the strong-only loss, the weak-only loss, both mean
   entropies, the mixed fraction (and the router loss of MoE models), from the statistics of the
   fused pass (no extra forward). Each is the mean over every supervised token of the logging
@@ -66,11 +69,17 @@ def training_arguments(output_dir: str, *, warmup_ratio: float = 0.0,
 
     ``warmup_ratio`` becomes ``warmup_ratio`` or a fractional ``warmup_steps``;
     ``activation_checkpointing`` becomes ``activation_checkpointing`` or ``gradient_checkpointing``.
-    Defaults that suit this package: no external reporting, keep extra columns.
+    Defaults that suit this package: no external reporting, keep extra columns, and
+    ``average_tokens_across_devices=True`` on more than one process (the loss is the mean over
+    the supervised tokens of all processes; transformers before 4.54 defaults to False).
     """
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     kwargs.setdefault("report_to", "none")
     kwargs.setdefault("remove_unused_columns", False)
+    # False by default before transformers 4.54, which also warns when it is asked for on one
+    # process (and turns it off): set once the process count is known, only where it counts.
+    average_tokens = ("average_tokens_across_devices" in fields
+                      and "average_tokens_across_devices" not in kwargs)
     if warmup_ratio:
         kwargs["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = warmup_ratio
     if activation_checkpointing:
@@ -79,7 +88,10 @@ def training_arguments(output_dir: str, *, warmup_ratio: float = 0.0,
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"unknown TrainingArguments fields for this transformers version: {unknown}")
-    return TrainingArguments(output_dir=output_dir, **kwargs)
+    args = TrainingArguments(output_dir=output_dir, **kwargs)
+    if average_tokens and args.world_size > 1:
+        args.average_tokens_across_devices = True
+    return args
 
 
 def load_model_weights(model: torch.nn.Module, folder: str) -> None:
