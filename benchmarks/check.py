@@ -1,9 +1,9 @@
 """Before anything is timed, every provider is judged by one rule: its error against float64,
 compared with the error of the plain formula in the input dtype.
 
-* **Exact**: the formula (SPEC section 2) in float64 on the same inputs (already rounded to the
-  benchmark dtype, so only arithmetic is judged): for ``fused_loss`` the mean mixed cross-entropy
-  and its four gradients, for ``token_entropy`` the entropies.
+* **Exact**: the formula (docs/design.md section 1.1) in float64 on the same inputs (already
+  rounded to the benchmark dtype, so only arithmetic is judged): for ``fused_loss`` the mean mixed
+  cross-entropy and its four gradients, for ``token_entropy`` the entropies.
 * **Plain**: the ``naive`` provider's arithmetic on the same inputs, i.e. what plain PyTorch code
   computes in the input dtype: both logits materialised, softcapped and mixed in that dtype (bf16
   matmuls for bf16 inputs, float32 for float32), ``F.cross_entropy`` on float32 logits (as Hugging

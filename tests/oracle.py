@@ -1,7 +1,7 @@
 """The float64 ground truth every backend is checked against.
 
-Written from SPEC section 2 alone and independently of ``wmss`` (which has its own ``reference``
-backend, itself under test): full logits in float64, autograd for the gradients.
+Written from docs/design.md section 1.1 alone and independently of ``wmss`` (which has its own
+``reference`` backend, itself under test): full logits in float64, autograd for the gradients.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 * ``wmss.apply_wmss``: the fused loss for any Hugging Face causal LM pair; ``wmss.WMSSTrainer``
   trains the pair with ``transformers.Trainer``; ``wmss.pipeline`` runs the whole recipe.
 
-See ``SPEC.md`` (shared with the project) for the method and the contract of these names.
+See ``docs/design.md`` for the method (section 1), the fused computation (section 2), the
+engine contract (section 3) and the memory bounds and precision rules (section 4).
 Names that need transformers are imported on first use, so ``import wmss`` stays light.
 """
 

@@ -1,7 +1,7 @@
 """``wmss.fused_loss``: the WMSS mixed-logit cross-entropy from hidden states and lm-head weights.
 
-The one entry point to the fused computation of SPEC section 2; ``FusedWMSSLoss`` is the same as
-an ``nn.Module``. See ``fused_loss`` for every option.
+The one entry point to the fused computation of docs/design.md section 2; ``FusedWMSSLoss``
+is the same as an ``nn.Module``. See ``fused_loss`` for every option.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``reference`` backend: SPEC section 2 written plainly, with the full logits in memory.
+"""The ``reference`` backend: docs/design.md section 1.1 written plainly, logits in memory.
 
 For tests and debugging only: it materialises ``[N, V]`` logits of both models (and autograd
 keeps more), in float32, or float64 when either model is float64. Gradients come from autograd,

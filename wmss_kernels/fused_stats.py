@@ -1,6 +1,7 @@
 """Forward of the mixed-logit loss: every per-token statistic in one pass, no logits in memory.
 
-For each token ``n`` (SPEC section 2), with ``z_s = softcap(h_s W_s^T + b_s)`` and ``z_w`` alike::
+For each token ``n`` (docs/design.md sections 1.1 and 2.1), with
+``z_s = softcap(h_s W_s^T + b_s)`` and ``z_w`` alike::
 
     z_m    = lam * z_s + (1 - lam) * z_w
     loss   = lse(z_m) - z_m[y]   (mixed tokens)
