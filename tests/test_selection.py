@@ -11,6 +11,7 @@ from conftest import BACKENDS, assert_close
 
 import wmss.cli
 from wmss import data, selection, toy
+from wmss.selection import scoring, signatures
 from wmss.io import atomic_write_json, atomic_write_text
 
 # Crafted per-example entropies: dH = strong - weak = [-0.5, +1.0, 0, 0].
@@ -553,14 +554,14 @@ def test_scores_are_not_reused_when_a_weight_the_old_sampled_probe_skipped_chang
 
 def test_model_signature_is_an_exact_hash_of_every_parameter_and_buffer(tokenizer, monkeypatch):
     def signature(model):
-        return selection._model_signature(model)
+        return signatures._model_signature(model)
 
     model = toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=1)
     base = signature(model)
     assert base["tensors_without_data"] == 0 and len(base["sha256"]) == 64
     assert signature(toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=1)) == base
     # Hashed in chunks: the chunk size does not change the hash (40 bytes: 10 float32 values).
-    monkeypatch.setattr(selection, "HASH_CHUNK_BYTES", 40)
+    monkeypatch.setattr(signatures, "HASH_CHUNK_BYTES", 40)
     assert signature(model) == base
     monkeypatch.undo()
 
@@ -594,9 +595,9 @@ def test_a_non_contiguous_tensor_hashes_as_its_contiguous_copy(monkeypatch):
     assert not tensor.is_contiguous()
     expected = hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
     for chunk in (4, 8, 60, 2 ** 20):  # smaller than a row, than a block of rows, than all
-        monkeypatch.setattr(selection, "HASH_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(signatures, "HASH_CHUNK_BYTES", chunk)
         digest = hashlib.sha256()
-        selection._hash_tensor(digest, tensor)
+        signatures._hash_tensor(digest, tensor)
         assert digest.hexdigest() == expected, chunk
 
 
@@ -943,8 +944,8 @@ def test_wmss_select_end_to_end(saved_pair, tmp_path, tokenizer, capsys, monkeyp
 
     # With --overwrite, new options re-select from the same scores: no model pass.
     passes = []
-    real = selection._entropy_sums
-    monkeypatch.setattr(selection, "_entropy_sums",
+    real = scoring._entropy_sums
+    monkeypatch.setattr(scoring, "_entropy_sums",
                         lambda *a, **k: passes.append(1) or real(*a, **k))
     options = ["--overwrite", "--seed", "1", "--normalize", "per_term", "--num-draws", "4",
                "--alpha", "0.5", "--beta", "0.2", "--gamma", "0.3"]

@@ -30,7 +30,8 @@ import sys
 
 from wmss import defaults
 from wmss.selection import (ACTIVE_FILE, ENTROPY_TERMS, MAX_DRAWS, MAX_KEPT_DRAWS, NORMALIZATIONS,
-                            SCORES_FILE, SEED_LIMIT, SUMMARY_FILE, SelectionOptions, _limit_text)
+                            SCORES_FILE, SEED_LIMIT, SUMMARY_FILE, SelectionOptions)
+from wmss.selection.weights import _limit_text
 from wmss.validation import BACKENDS
 
 HELP = "WD-DS: score a JSONL data set with a strong and a weak model and draw the active set"
