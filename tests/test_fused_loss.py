@@ -564,3 +564,115 @@ def test_each_models_gradients_keep_their_own_precision_beside_a_less_precise_st
     inputs = {k: v.detach().to(strong_dtype if k.startswith("strong") else weak_dtype)
               for k, v in inputs.items()}
     check_against_truth(inputs, labels, backend, strong_dtype, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_models_at_gap_threshold_zero_mix_every_supervised_token(backend):
+    """A token is mixed when H_weak - H_strong >= gap_threshold: identical models tie exactly
+    (0 >= 0), so gap_threshold=0 mixes every supervised token and the result is the ungated
+    mixed loss, gradients and all."""
+    inputs, labels = make_inputs(d_weak=48, bias=True)
+    for part in ("hidden", "weight", "bias"):
+        inputs[f"weak_{part}"] = inputs[f"strong_{part}"].detach().clone().requires_grad_()
+    ungated, _, ungated_grads = run(inputs, labels, backend, lam=0.3)
+    gated, stats, gated_grads = run(inputs, labels, backend, lam=0.3, gap_threshold=0.0)
+    supervised = labels != -100
+    assert torch.equal(stats.entropy_weak, stats.entropy_strong)  # the tie is exact
+    assert torch.equal(stats.mixed, supervised)
+    assert stats.mixed[supervised].float().mean().item() == 1.0
+    assert math.isclose(gated.item(), ungated.item(), rel_tol=1e-6)
+    for name in ungated_grads:
+        assert_close(gated_grads[name], ungated_grads[name], 1e-6, name)
+
+
+# Non-contiguous inputs: each model's hidden states a column slice of wider rows (a row stride
+# larger than d), its weight the transpose of a (d, V) tensor (unit stride along V, not d).
+HIDDEN_PADDING = 8
+
+
+@needs_triton
+@pytest.mark.parametrize("options", [dict(lam=0.3), dict(lam=0.3, softcap=5.0, gap_threshold=0.0)],
+                         ids=["paper", "softcap-gap"])
+def test_sliced_and_transposed_inputs_give_the_results_of_contiguous_ones(options):
+    inputs, labels = make_inputs(shape=(19,), vocab=70, d_strong=24, d_weak=16)
+    contiguous, _, contiguous_grads = run(inputs, labels, "triton", **options)
+    bases, views = {}, {}
+    for model in ("strong", "weak"):
+        hidden, weight = inputs[f"{model}_hidden"].detach(), inputs[f"{model}_weight"].detach()
+        wide = torch.zeros(hidden.shape[0], hidden.shape[1] + HIDDEN_PADDING, device=DEVICE)
+        wide[:, HIDDEN_PADDING // 2:][:, :hidden.shape[1]] = hidden
+        bases[f"{model}_hidden"] = wide.requires_grad_()
+        bases[f"{model}_weight"] = weight.t().contiguous().requires_grad_()  # (d, V)
+        views[f"{model}_hidden"] = (
+            bases[f"{model}_hidden"][:, HIDDEN_PADDING // 2:][:, :hidden.shape[1]])
+        views[f"{model}_weight"] = bases[f"{model}_weight"].t()
+    assert not any(v.is_contiguous() for v in views.values())
+    loss, stats = wmss.fused_loss(**views, labels=labels, backend="triton", return_stats=True,
+                                  **options)
+    loss.backward()
+    assert math.isclose(loss.item(), contiguous.item(), rel_tol=1e-6)
+    for model in ("strong", "weak"):
+        wide_grad = bases[f"{model}_hidden"].grad
+        d = inputs[f"{model}_hidden"].shape[1]
+        assert_close(wide_grad[:, HIDDEN_PADDING // 2:][:, :d],
+                     contiguous_grads[f"{model}_hidden"], 1e-6, f"{model}_hidden")
+        assert not wide_grad[:, :HIDDEN_PADDING // 2].any()
+        assert not wide_grad[:, HIDDEN_PADDING // 2 + d:].any()
+        assert_close(bases[f"{model}_weight"].grad.t(), contiguous_grads[f"{model}_weight"],
+                     1e-6, f"{model}_weight")
+
+
+# Launch settings small enough for the test shapes: 16-wide tiles, a vocabulary split across
+# many programs, and backward pieces of 16 tokens x 32 vocabulary entries.
+SMALL_TILES_FOR_TESTS = (16, 16, 16)
+SMALL_GRAD_VOCAB_BLOCK = 32
+SMALL_GRAD_BUFFER_BYTES = 16 * SMALL_GRAD_VOCAB_BLOCK * 8
+
+
+def with_small_triton_launches(monkeypatch):
+    """Every launch decision of the Triton backend, as ``wmss.fused_loss`` makes it, scaled down
+    so tiny inputs take the multi-program and multi-piece paths: several token tiles and
+    vocabulary tiles, vocabulary splits merged in the combine, and backward pieces of several
+    token chunks and vocabulary blocks (dW accumulated across chunks)."""
+    from wmss_kernels import config
+
+    tiles = config.Tiles(*SMALL_TILES_FOR_TESTS, num_warps=4)
+    monkeypatch.setattr(config, "stats_tiles", lambda dtype, arch: tiles)
+    monkeypatch.setattr(config, "grad_tiles", lambda dtype, arch, single_accumulator: tiles)
+    monkeypatch.setattr(config, "STATS_PROGRAMS_PER_SM", config.MAX_VOCAB_SPLITS)
+    monkeypatch.setattr(config, "MIN_GRAD_VOCAB_BLOCK", SMALL_GRAD_VOCAB_BLOCK)
+    monkeypatch.setattr(config, "GRAD_BUFFER_MIN_BYTES", SMALL_GRAD_BUFFER_BYTES)
+    monkeypatch.setattr(config, "GRAD_BUFFER_MAX_BYTES", SMALL_GRAD_BUFFER_BYTES)
+
+
+def spy(monkeypatch, module, name) -> list:
+    """Record every result of ``module.name`` (the launch plans actually made)."""
+    original, results = getattr(module, name), []
+
+    def recorded(*args, **kwargs):
+        results.append(original(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, recorded)
+    return results
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_the_public_triton_path_in_many_tiles_splits_and_pieces_matches_float64(
+        options, dtype, monkeypatch):
+    with_small_triton_launches(monkeypatch)
+    options = dict(options)
+    inputs, labels = make_inputs(shape=(3, 13), vocab=150, dtype=dtype,
+                                 bias=options.pop("bias", False))
+    from wmss_kernels import fused_stats, logit_grad
+
+    splits = spy(monkeypatch, fused_stats, "_choose_splits")
+    pieces = spy(monkeypatch, logit_grad, "plan_grad_blocks")
+    upstream = torch.rand(labels.shape, device=DEVICE)
+    check_against_truth(inputs, labels, "triton", dtype, upstream=upstream, **options)
+    assert splits and all(num_splits > 1 for num_splits, _ in splits), splits
+    assert pieces and all(blocks.vocab_block < 150 for blocks in pieces), pieces
+    if dtype == torch.float32:  # two float32 buffers: the tokens are cut into chunks too
+        assert all(blocks.token_chunk < labels.numel() for blocks in pieces), pieces
