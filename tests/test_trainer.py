@@ -61,6 +61,14 @@ def assert_same_gradients(got, want, tol=1e-5):
         assert error < tol, f"{name}: relative error {error:.2e}"
 
 
+def assert_same_weights(got: dict, want: dict, rtol: float = 1e-6, atol: float = 1e-7) -> None:
+    """Two state dicts (or parameter snapshots) name for name: the same names, and each tensor
+    close to the one of its own name (rtol = atol = 0: equal), whatever the order of either."""
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for name, expected in want.items():
+        assert torch.allclose(got[name], expected, rtol=rtol, atol=atol), name
+
+
 def test_gradient_accumulation_gives_the_full_batch_token_mean(tmp_path):
     """4 micro-batches of 2 with uneven supervision: one update equal to the full-batch gradient,
     which needs num_items_in_batch counted on the shifted labels of all micro-batches."""
@@ -166,8 +174,7 @@ def test_checkpoints_hold_both_models_and_resume_exactly(tmp_path):
     assert (checkpoint / "strong" / "model.safetensors").exists()
     fresh = make_pair()
     trainer_for(fresh, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
-    for (name, want), got in zip(snapshot(straight).items(), snapshot(fresh).values()):
-        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), name
+    assert_same_weights(snapshot(fresh), snapshot(straight))
     assert fresh.strong.lm_head.weight is fresh.strong.get_input_embeddings().weight
 
 
@@ -274,8 +281,7 @@ def test_a_tied_lm_head_loads_from_a_checkpoint_that_stores_only_the_embeddings(
     assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
     model = tiny_causal_lm("qwen3", vocab_size=61, hidden_size=32, seed=2, tie_word_embeddings=True)
     load_model_weights(model, str(tmp_path))
-    for (name, want), got in zip(saved.state_dict().items(), model.state_dict().values()):
-        assert torch.equal(got, want), name
+    assert_same_weights(model.state_dict(), saved.state_dict(), rtol=0.0, atol=0.0)
     assert model.lm_head.weight is model.get_input_embeddings().weight
 
 
@@ -351,8 +357,7 @@ def test_a_rerun_after_a_save_interrupted_halfway_resumes_from_the_last_complete
     with pytest.warns(UserWarning, match="set aside"):
         WMSSTrainer(rerun, checkpointing_args(output_dir), train_dataset=examples(),
                     data_collator=Collator(0)).train(resume_from_checkpoint=True)
-    for (name, want), got in zip(snapshot(straight).items(), snapshot(rerun).values()):
-        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), name
+    assert_same_weights(snapshot(rerun), snapshot(straight))
     assert last_complete_checkpoint(output_dir) == str(half_written)  # saved anew, complete
     (set_aside,) = glob.glob(str(output_dir / "incomplete-checkpoint-4-*"))
     assert not os.path.exists(os.path.join(set_aside, "trainer_state.json"))
@@ -381,8 +386,7 @@ def test_the_marker_works_with_a_plain_trainer_and_is_withdrawn_before_a_checkpo
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     resumed = model()
     trainer(resumed).train(resume_from_checkpoint=last_complete_checkpoint(tmp_path))
-    for (name, want), got in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), name
+    assert_same_weights(resumed.state_dict(), straight.state_dict())
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
 
 
