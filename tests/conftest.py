@@ -12,6 +12,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread by default. The tests' tensors are tiny: splitting a [39, 48] @ [48, 300]
+# matmul over two threads costs a wake-up and a barrier per op, and on a busy 2-core machine (CI,
+# or several people sharing one) the second thread is often descheduled, so every op waits for
+# it (measured 17 us on one thread, 29 us on two, with the other core busy; the issue saw far
+# worse). The suite on 2 cores: 5 min 13 s with torch's default of 2 threads, 3 min 45 s on
+# one (README, "Development"). WMSS_TEST_THREADS=<n> chooses another count (e.g. to exercise
+# torch's parallel paths). OMP_NUM_THREADS is set too (unless the user set it) so that the
+# subprocesses the tests start (torchrun workers, probes) inherit the same count; tests that
+# pass their own OMP_NUM_THREADS keep theirs.
+TEST_THREADS_VARIABLE = "WMSS_TEST_THREADS"
+_threads = os.environ.get(TEST_THREADS_VARIABLE, "1")
+if not (_threads.isascii() and _threads.isdigit()) or int(_threads) < 1:
+    raise ValueError(f"{TEST_THREADS_VARIABLE} must be a positive integer, got {_threads!r}")
+TEST_THREADS = int(_threads)
+torch.set_num_threads(TEST_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+
 import pytest  # noqa: E402
 
 from wmss_kernels.config import is_interpreting  # noqa: E402
@@ -32,7 +49,8 @@ FAST_BACKENDS = BACKENDS[1:]  # the ones that never materialise logits
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: larger shapes (deselect with -m 'not slow')")
+    config.addinivalue_line("markers",
+                            "slow: over ~3 s on 2 CPU cores (deselect with -m 'not slow')")
 
 
 @pytest.fixture
@@ -67,7 +85,9 @@ SEED = int(os.environ.get("WMSS_TEST_SEED", int.from_bytes(os.urandom(4), "littl
 
 
 def pytest_report_header(config):
-    return f"wmss: device={DEVICE}, triton interpreter={is_interpreting()}, WMSS_TEST_SEED={SEED}"
+    return (f"wmss: device={DEVICE}, triton interpreter={is_interpreting()}, "
+            f"WMSS_TEST_SEED={SEED}, "
+            f"torch threads={torch.get_num_threads()} ({TEST_THREADS_VARIABLE})")
 
 
 @pytest.fixture(autouse=True)

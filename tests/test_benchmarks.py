@@ -52,6 +52,7 @@ def _ok(rows, kernel, provider, mode, metric):
             (kernel, provider, mode, metric) and json.loads(r["config"])["status"] == "ok"]
 
 
+@pytest.mark.slow
 def test_quick_sweep_writes_every_cpu_provider(quick_run):
     code, out, header, rows = quick_run
     assert code == 0
@@ -84,6 +85,7 @@ def test_quick_sweep_writes_every_cpu_provider(quick_run):
     assert all(r["version"].startswith("0.") and r["timestamp"].endswith("Z") for r in rows)
 
 
+@pytest.mark.slow
 def test_every_checked_row_records_its_error_beside_the_plain_formulas(quick_run):
     _, _, _, rows = quick_run
     outputs = {"fused_loss": {"loss", *LEAVES}, "token_entropy": {"entropy"}}
@@ -101,6 +103,7 @@ def test_every_checked_row_records_its_error_beside_the_plain_formulas(quick_run
             assert checked["error"] == checked["plain_error"]
 
 
+@pytest.mark.slow
 def test_quick_sweep_draws_plots_and_writes_the_report(quick_run):
     _, out, _, rows = quick_run
     for kernel in MODES:

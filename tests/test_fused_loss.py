@@ -363,6 +363,7 @@ def rounding_error(exact: torch.Tensor, dtype: torch.dtype) -> float:
 HALF_PRECISION_ERROR_RATIO = {torch.float16: 1.5, torch.bfloat16: 2.5}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_half_precision_gradients_are_as_accurate_as_their_dtype_for_any_token_count(
@@ -657,6 +658,7 @@ def spy(monkeypatch, module, name) -> list:
     return results
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))

@@ -81,6 +81,7 @@ DECOMPOSITIONS = [
 GROUPING_TILES = Tiles(16, 32, 16, num_warps=4)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("logit_source", ["triton", "cublas"])
 @pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
@@ -143,6 +144,7 @@ def test_low_precision_gradients_in_several_blocks(strong_dtype, weak_dtype, spe
     check(spec, stats, grads, inputs, labels, upstream, 1e-2)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tiles_per_group", [1, 3])

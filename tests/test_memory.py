@@ -38,6 +38,7 @@ def peak_rss_growth(backend: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_torch_backend_rss_growth_is_a_small_fraction_of_the_logits():
     """Bound (see wmss/torch_backend.py): about ten [256, 2048] float32 blocks plus the gradients
     (2 * V * D + 2 * N * D floats) and O(N) statistics: ~25 MiB here, under 10% of one [N, V]."""

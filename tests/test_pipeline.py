@@ -70,6 +70,7 @@ def test_wmss_train_runs_every_stage_and_reports(workspace, capsys):
     assert final.config.vocab_size == len(char_tokenizer())
 
 
+@pytest.mark.slow
 def test_a_rerun_continues_where_an_interrupted_run_stopped(workspace, monkeypatch):
     root, base, data = workspace
     # A checkpoint after every optimizer step; the run dies inside round 1's second step.

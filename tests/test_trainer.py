@@ -186,6 +186,7 @@ def test_bad_uses_are_refused(tmp_path):
                     train_dataset=examples(), data_collator=Collator(0))
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     """torchrun, gloo: 2 processes x 2 examples x 2 accumulation steps = the whole data set.
     Trainer sums num_items_in_batch over processes and rescales the loss, so DDP's gradient mean
