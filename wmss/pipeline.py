@@ -39,7 +39,8 @@ from .data import (Collator, data_sha256, encode_records, pad_token_id, read_rec
 from .hf import load_causal_lm
 from .io import atomic_write_json, directory_lock
 from .selection import SelectionOptions
-from .validation import BACKENDS, check_choice, check_flag, check_gap_threshold, check_lam
+from .validation import (BACKENDS, check_choice, check_flag, check_gap_threshold, check_int,
+                         check_lam)
 
 RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,14 +56,6 @@ PIPELINE_TRAINING_ARGS = {
     "save_steps": "save_steps", "logging_steps": "logging_steps", "use_cpu": "use_cpu"}
 # Settings that change how a run is carried out but not what it computes: a rerun may change them.
 VOLATILE_SETTINGS = ("output_dir", "logging_steps", "selection_batch_size", "backend", "use_cpu")
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_real(name: str, value, *, low: float, high: float = math.inf,
@@ -164,7 +157,7 @@ class PipelineConfig:
         self.output_dir = os.path.abspath(self.output_dir)
         for name in ("data", "base_model", "weak_model", "strong_model", "tokenizer"):
             setattr(self, name, _absolute_if_local(getattr(self, name)))
-        _check_int("rounds", self.rounds, 0)
+        check_int("rounds", self.rounds, 0)
         if self.rounds == 0 and self.base_model is None:
             raise ValueError("rounds must be >= 1 (or 0 with base_model: SFT only), got 0")
         self.lam = check_lam(self.lam)
@@ -179,10 +172,10 @@ class PipelineConfig:
         self.warmup_ratio = _check_real("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0,
                                         high_open=True)
         self.max_grad_norm = _check_real("max_grad_norm", self.max_grad_norm, low=0.0)
-        _check_int("max_length", self.max_length, 2)  # one input and one target at least
+        check_int("max_length", self.max_length, 2)  # one input and one target at least
         for name in ("batch_size", "gradient_accumulation_steps", "selection_batch_size",
                      "save_steps", "logging_steps"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("backend", self.backend, BACKENDS)
         for name in ("bf16", "activation_checkpointing", "use_cpu"):

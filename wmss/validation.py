@@ -80,6 +80,22 @@ def check_ignore_index(ignore_index) -> int:
     return int(ignore_index)
 
 
+def limit_text(limit: int) -> str:
+    """``limit`` for messages: ``2**63`` reads better than its 19 digits."""
+    return f"2**{limit.bit_length() - 1}" if limit > 0 and limit & (limit - 1) == 0 else str(limit)
+
+
+def check_int(name: str, value, minimum: int, limit: Optional[int] = None) -> int:
+    """``value`` as an int in ``[minimum, limit)``; ``TypeError`` for bools and non-integers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if limit is not None and value >= limit:
+        raise ValueError(f"{name} must be < {limit_text(limit)}, got {value}")
+    return int(value)
+
+
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
@@ -256,9 +272,13 @@ def check_labels(labels, leading_shape: torch.Size, vocab: int, ignore_index: in
     deferred_count = isinstance(num_items, torch.Tensor) and not readable_without_sync(num_items)
     if deferred_count:
         problems.append(count_is_invalid(num_items).to(labels.device))
-    if num_items is not None:  # a count of 0 must mean that nothing here is supervised
-        count = torch.as_tensor(num_items).to(labels.device).reshape(())
-        problems.append((count == 0) & (labels != ignore_index).any())
+    # A count of 0 must mean that nothing here is supervised. A Python count is known on the host:
+    # no tensor to copy to the device; a tensor count is compared where it lives.
+    if isinstance(num_items, torch.Tensor):
+        zero_count = (num_items.reshape(()) == 0).to(labels.device)
+        problems.append(zero_count & (labels != ignore_index).any())
+    elif num_items == 0:
+        problems.append((labels != ignore_index).any())
     if (labels.numel() or deferred_count) and bool(torch.stack(problems).any()):  # the one sync
         if bool(problems[0]):
             bad = labels[out_of_range][:5].tolist()

@@ -31,7 +31,7 @@ import sys
 from wmss import defaults
 from wmss.selection import (ACTIVE_FILE, ENTROPY_TERMS, MAX_DRAWS, MAX_KEPT_DRAWS, NORMALIZATIONS,
                             SCORES_FILE, SEED_LIMIT, SUMMARY_FILE, SelectionOptions)
-from wmss.selection.weights import _limit_text
+from wmss.validation import limit_text
 from wmss.validation import BACKENDS
 
 HELP = "WD-DS: score a JSONL data set with a strong and a weak model and draw the active set"
@@ -52,7 +52,7 @@ def _non_negative_float(text: str) -> float:
 
 def _int_in(minimum: int, limit: int | None = None):
     """An argparse type: an int in ``[minimum, limit)``."""
-    bounds = f">= {minimum}" if limit is None else f"in [{minimum}, {_limit_text(limit)})"
+    bounds = f">= {minimum}" if limit is None else f"in [{minimum}, {limit_text(limit)})"
 
     def parse(text: str) -> int:
         try:
@@ -94,7 +94,7 @@ def add_selection_arguments(parser_or_group) -> None:
         help="seed of the draws (default %(default)s)")
     add("--keep-duplicates", action="store_true",
         help="keep every draw, so an example drawn k times is trained k times (the authors' "
-             f"code; at most {_limit_text(MAX_KEPT_DRAWS)} draws); by default each drawn example "
+             f"code; at most {limit_text(MAX_KEPT_DRAWS)} draws); by default each drawn example "
              "is kept once (the paper)")
 
 

@@ -17,10 +17,10 @@ import torch
 
 from ..defaults import ALPHA, BETA, GAMMA
 from ..io import atomic_write_json
-from ..validation import check_choice, check_flag
+from ..validation import check_choice, check_flag, check_int
 from .scores_file import DatasetScores
 from .weights import (ENTROPY_TERMS, MAX_DRAWS, NORMALIZATIONS, SEED_LIMIT, TERMS,
-                      _check_kept_draws, _coefficient, _index_count, draw_active,
+                      _check_kept_draws, _coefficient, draw_active,
                       sampling_weights, weight_terms)
 
 __all__ = ["ACTIVE_FILE", "SCORES_FILE", "SUMMARY_FILE", "Selection", "SelectionOptions",
@@ -157,8 +157,8 @@ class SelectionOptions:
         check_choice("entropy_term", self.entropy_term, ENTROPY_TERMS)
         num_draws = self.num_draws
         if num_draws is not None:
-            num_draws = _index_count("num_draws", num_draws, 1, MAX_DRAWS + 1)
-        seed = _index_count("seed", self.seed, 0, SEED_LIMIT)
+            num_draws = check_int("num_draws", num_draws, 1, MAX_DRAWS + 1)
+        seed = check_int("seed", self.seed, 0, SEED_LIMIT)
         check_flag("keep_duplicates", self.keep_duplicates)
         if self.keep_duplicates and num_draws is not None:
             _check_kept_draws(num_draws)

@@ -25,7 +25,7 @@ from ..validation import BACKENDS, check_choice, check_flag, check_ignore_index
 from .catalog import _Catalog, _catalog
 from .scores_file import DatasetScores
 from .signatures import _Checkpoint, _model_signature
-from .weights import _index_count
+from ..validation import check_int
 
 __all__ = ["SAVE_INTERVAL", "score_dataset"]
 
@@ -145,8 +145,8 @@ def score_dataset(strong_model: nn.Module, weak_model: nn.Module, dataset: Seque
             that holds something else (without ``overwrite``), or a model that produces
             non-finite entropies (e.g. float16 overflow).
     """
-    batch_size = _index_count("batch_size", batch_size, 1)
-    pad_token_id = _index_count("pad_token_id", pad_token_id, 0)
+    batch_size = check_int("batch_size", batch_size, 1)
+    pad_token_id = check_int("pad_token_id", pad_token_id, 0)
     ignore_index = check_ignore_index(ignore_index)
     check_choice("backend", backend, BACKENDS)
     check_flag("progress", progress)

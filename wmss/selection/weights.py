@@ -2,7 +2,7 @@
 
 ``weight_terms`` splits each example's unnormalised weight into its three terms,
 ``sampling_weights`` turns them into probabilities, ``draw_active`` draws the active set from them.
-The argument checks here (``_index_count`` and friends) are shared by the rest of the package.
+The argument checks here (``_coefficient`` and friends) are shared by the rest of the package.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..defaults import ALPHA, BETA, GAMMA
-from ..validation import check_choice, check_flag
+from ..validation import check_choice, check_flag, check_int, limit_text
 
 __all__ = ["ENTROPY_TERMS", "MAX_DRAWS", "MAX_KEPT_DRAWS", "NORMALIZATIONS", "SEED_LIMIT", "TERMS",
            "draw_active", "sampling_weights", "weight_terms"]
@@ -154,27 +154,11 @@ def sampling_weights(entropy_strong, entropy_weak, *, alpha: float = ALPHA, beta
 # Drawing the active set
 # --------------------------------------------------------------------------------------------
 
-def _limit_text(limit: int) -> str:
-    """``limit`` for messages: ``2**63`` reads better than its 19 digits."""
-    return f"2**{limit.bit_length() - 1}" if limit > 0 and limit & (limit - 1) == 0 else str(limit)
-
-
-def _index_count(name: str, value, minimum: int, limit: Optional[int] = None) -> int:
-    """``value`` as an int in ``[minimum, limit)``; ``TypeError`` for bools and non-integers."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if limit is not None and value >= limit:
-        raise ValueError(f"{name} must be < {_limit_text(limit)}, got {value}")
-    return int(value)
-
-
 def _check_kept_draws(num_draws: int) -> None:
     if num_draws > MAX_KEPT_DRAWS:
         raise ValueError(f"num_draws={num_draws} is too many to keep every draw: with "
                          f"keep_duplicates the active set holds one index per draw (at most "
-                         f"{_limit_text(MAX_KEPT_DRAWS)} = {MAX_KEPT_DRAWS}); draw fewer, or drop "
+                         f"{limit_text(MAX_KEPT_DRAWS)} = {MAX_KEPT_DRAWS}); draw fewer, or drop "
                          "duplicates")
 
 
@@ -226,8 +210,8 @@ def draw_active(weights, num_draws: Optional[int] = None, *, seed: int = 0,
                          f"{tuple(weights.shape)}")
     _check_finite_non_negative("weights", weights, "a sampling weight")
     num_draws = (len(weights) if num_draws is None
-                 else _index_count("num_draws", num_draws, 0, MAX_DRAWS + 1))
-    seed = _index_count("seed", seed, 0, SEED_LIMIT)
+                 else check_int("num_draws", num_draws, 0, MAX_DRAWS + 1))
+    seed = check_int("seed", seed, 0, SEED_LIMIT)
     check_flag("keep_duplicates", keep_duplicates)
     if keep_duplicates:
         _check_kept_draws(num_draws)
