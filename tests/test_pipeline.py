@@ -472,3 +472,13 @@ def test_a_damaged_active_set_is_named(recorded_round, tmp_path):
     finally:
         with open(path, "w") as handle:
             handle.write(original)
+
+
+def test_a_kept_demo_directory_refuses_another_demo_before_rewriting_its_data(tmp_path):
+    small = dict(eval_size=20, hidden_size=32, num_layers=1, batch_size=16, pretrain_size=0)
+    run_demo(str(tmp_path), DemoSettings(train_size=60, **small), log=lambda line: None)
+    data = (tmp_path / "train.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds a demo with other settings \(train_size\)"):
+        run_demo(str(tmp_path), DemoSettings(train_size=50, **small), log=lambda line: None)
+    assert (tmp_path / "train.jsonl").read_text() == data
+    assert cli.main(["demo", "--output-dir", str(tmp_path), "--train-size", "50"]) == 1

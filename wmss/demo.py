@@ -20,6 +20,7 @@ and score near zero; the default size puts both arms past it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -30,8 +31,12 @@ from typing import Callable
 import torch
 
 from .hf import load_causal_lm
+from .io import atomic_write_json, atomic_write_text
 from .pipeline import Pipeline, PipelineConfig
 from .toy import char_tokenizer, tiny_causal_lm
+
+
+SETTINGS_FILE = "demo.json"
 
 
 @dataclass
@@ -122,6 +127,19 @@ def run_demo(output_dir: str, settings: DemoSettings = DemoSettings(),
     s = settings
     rng = random.Random(s.seed)
     os.makedirs(output_dir, exist_ok=True)
+    # A kept --output-dir holds one demo: another one's settings would rewrite its data files
+    # under its finished stages, so it is refused before anything is written.
+    settings_path = os.path.join(output_dir, SETTINGS_FILE)
+    wanted = dataclasses.asdict(s)
+    if os.path.exists(settings_path):
+        with open(settings_path, encoding="utf-8") as handle:
+            held = json.load(handle)
+        if held != wanted:
+            changed = sorted(k for k in wanted if held.get(k) != wanted[k])
+            raise ValueError(f"{output_dir} holds a demo with other settings "
+                             f"({', '.join(changed)}); use another --output-dir")
+    else:
+        atomic_write_json(settings_path, wanted, indent=2)
     tokenizer = char_tokenizer()
     init = os.path.join(output_dir, "init")
     tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=s.hidden_size,
@@ -133,10 +151,9 @@ def run_demo(output_dir: str, settings: DemoSettings = DemoSettings(),
     pretrain = addition_problems(s.pretrain_size, s.digits, rng, exclude=frozenset(held_out))
     data, pretrain_data = (os.path.join(output_dir, name) for name in ("train.jsonl",
                                                                       "pretrain.jsonl"))
-    with open(data, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(_record(a, b, s.digits)) + "\n" for a, b in train)
-    with open(pretrain_data, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps({"text": f"{a}+{b}={a + b}"}) + "\n" for a, b in pretrain)
+    atomic_write_text(data, "".join(json.dumps(_record(a, b, s.digits)) + "\n" for a, b in train))
+    atomic_write_text(pretrain_data, "".join(json.dumps({"text": f"{a}+{b}={a + b}"}) + "\n"
+                                             for a, b in pretrain))
     log(f"[demo] {s.train_size} training and {s.eval_size} held-out {s.digits}-digit additions; "
         f"tiny Llama d={s.hidden_size}, {s.num_layers} layers, in {output_dir}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 
 from ..demo import DemoSettings, run_demo
@@ -35,6 +36,9 @@ def run(args) -> int:
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="wmss-demo-")
     try:
         result = run_demo(output_dir, settings)
+    except (ValueError, OSError) as error:  # bad settings or files: a message, not a traceback
+        print(f"wmss demo: error: {error}", file=sys.stderr)
+        return 1
     finally:
         if args.output_dir is None:
             shutil.rmtree(output_dir, ignore_errors=True)
