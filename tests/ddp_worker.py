@@ -10,10 +10,9 @@ import sys
 
 import torch
 
-import wmss
-import wmss.data
 from trainer_fixtures import GradientCapture, examples, make_pair
-from wmss.trainer import WMSSTrainer, training_arguments
+from wmss.hf.batches import Collator
+from wmss.hf.trainer import WMSSTrainer, training_arguments
 
 
 def main(out_path: str, per_device_batch: int, accumulation: int) -> None:
@@ -25,7 +24,7 @@ def main(out_path: str, per_device_batch: int, accumulation: int) -> None:
         lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, use_cpu=True,
         ddp_backend="gloo", save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
     trainer = WMSSTrainer(pair, args, train_dataset=examples(), processing_class=None,
-                          data_collator=wmss.data.Collator(0), callbacks=[capture])
+                          data_collator=Collator(0), callbacks=[capture])
     trainer.train()
     if trainer.args.process_index == 0:
         torch.save({"grads": capture.grads, "log_history": trainer.state.log_history}, out_path)

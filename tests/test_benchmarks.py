@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import DEVICE, TRITON_AVAILABLE
 
-from wmss.cli import main
+from wmss.commands import main
 from wmss.commands.bench import load_benchmarks
 
 load_benchmarks()  # puts the checkout's benchmarks package on the path, as `wmss bench` does

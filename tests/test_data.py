@@ -1,13 +1,15 @@
-"""wmss.data: JSONL records become examples whose labels supervise exactly the completion."""
+"""wmss.recipe.data and wmss.hf.batches: JSONL records become examples whose labels supervise
+exactly the completion, and batches keep them so."""
 
 import json
 
 import pytest
 import torch
 
-from wmss import data
-from wmss.data import Collator, collate, encode_record, encode_records, load_jsonl, supervised_tokens
-from wmss.toy import char_tokenizer
+from wmss.hf.batches import Collator, collate, supervised_tokens
+from wmss.recipe import data
+from wmss.recipe.data import encode_record, encode_records, load_jsonl
+from wmss.recipe.toy import char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -389,7 +389,7 @@ def test_half_precision_gradients_are_as_accurate_as_their_dtype_for_any_token_c
 def with_small_blocks(monkeypatch):
     """The torch engine with blocks smaller than the test shapes: several vocabulary and token
     blocks, so the online statistics are merged across blocks."""
-    from wmss import backends
+    from wmss.loss import engines as backends
 
     engine = backends.engine("torch")
     monkeypatch.setattr(engine, "token_block", 16)

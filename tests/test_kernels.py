@@ -9,9 +9,8 @@ import torch
 from conftest import DEVICE, TRITON_AVAILABLE, assert_close, make_inputs
 from oracle import truth
 
-from wmss.torch_backend import TorchEngine
-from wmss.validation import MixedLossSpec
-from wmss_kernels import GradRequest
+from wmss.loss.engines.contract import GradRequest, MixedLossSpec, ModelInputs, TokenCoefficients
+from wmss.loss.engines.torch_engine import TorchEngine
 from wmss_kernels.config import Tiles
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -26,22 +25,28 @@ SPECS = {
 }
 
 
+def models_of(inputs):
+    """The strong and the weak model's flat, detached ``ModelInputs`` from ``make_inputs``'s."""
+    def model(prefix):
+        hidden = inputs[f"{prefix}_hidden"].detach()
+        return ModelInputs(hidden.reshape(-1, hidden.shape[-1]),
+                           inputs[f"{prefix}_weight"].detach(), inputs[f"{prefix}_bias"].detach())
+    return model("strong"), model("weak")
+
+
 def flat_inputs(dtype=torch.float32, shape=(5, 23), vocab=333, d_strong=72, d_weak=40):
     inputs, labels = make_inputs(shape=shape, vocab=vocab, d_strong=d_strong, d_weak=d_weak,
                                  dtype=dtype, bias=True)
-    args = [inputs["strong_hidden"].detach().reshape(-1, d_strong),
-            inputs["strong_weight"].detach(), inputs["strong_bias"].detach(),
-            inputs["weak_hidden"].detach().reshape(-1, d_weak), inputs["weak_weight"].detach(),
-            inputs["weak_bias"].detach()]
-    return inputs, labels, args
+    return inputs, labels, models_of(inputs)
 
 
-def upstream_coefficients(stats, labels):
-    """A random per-token upstream gradient, split into mixed and plain-strong parts."""
+def upstream_coefficients(stats, labels, spec):
+    """A random per-token upstream gradient, split into mixed and plain-strong parts (the
+    latter None without gap masking)."""
     upstream = torch.rand(labels.numel(), device=DEVICE) * (labels.reshape(-1) != -100)
-    coef_mix = torch.where(stats.mixed, upstream, 0.0)
     coef_strong = torch.where(stats.mixed, 0.0, upstream)
-    return upstream, coef_mix, coef_strong
+    return upstream, TokenCoefficients(torch.where(stats.mixed, upstream, 0.0),
+                                       None if spec.gap_threshold is None else coef_strong)
 
 
 def check(spec, stats, grads, inputs, labels, upstream, tol):
@@ -94,18 +99,12 @@ def test_triton_launchers_under_every_decomposition(tiles, num_splits, blocks, s
     # The "cublas" forward reads logit blocks of about 100 columns: several blocks, merged.
     monkeypatch.setattr(config, "STATS_LOGIT_BYTES", 115 * 100 * 8)
     monkeypatch.setattr(config, "LOGIT_SOURCE", logit_source)
-    inputs, labels, args = flat_inputs()
+    inputs, labels, (strong, weak) = flat_inputs()
     flat_labels = labels.reshape(-1)
-    stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
-                              gap_threshold=spec.gap_threshold, ignore_index=-100, tiles=tiles,
-                              num_splits=num_splits)
-    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
-    if spec.gap_threshold is None:
-        coef_strong = None
-    grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                              stats.max_mix, stats.logsum_mix, coef_mix, coef_strong,
-                              lam=spec.lam, softcap=spec.softcap, strong_request=ALL,
-                              weak_request=ALL, tiles=tiles,
+    stats = mixed_token_stats(strong, weak, flat_labels, spec, tiles=tiles, num_splits=num_splits)
+    upstream, coefficients = upstream_coefficients(stats, labels, spec)
+    grads = mixed_ce_backward(strong, weak, flat_labels, stats.log_sum_exps, coefficients, spec,
+                              (ALL, ALL), tiles=tiles,
                               blocks=None if blocks is None else GradBlocks(*blocks))
     check(spec, stats, grads, inputs, labels, upstream, 1e-5)
 
@@ -124,19 +123,12 @@ def test_low_precision_gradients_in_several_blocks(strong_dtype, weak_dtype, spe
     inputs, labels = make_inputs(shape=(5, 23), vocab=333, d_strong=72, d_weak=40, bias=True)
     dtypes = {k: strong_dtype if k.startswith("strong") else weak_dtype for k in inputs}
     inputs = {k: v.detach().to(dtypes[k]).requires_grad_() for k, v in inputs.items()}
-    args = [inputs[k].detach().reshape(-1, inputs[k].shape[-1]) if k.endswith("hidden")
-            else inputs[k].detach() for k in ("strong_hidden", "strong_weight", "strong_bias",
-                                              "weak_hidden", "weak_weight", "weak_bias")]
+    strong, weak = models_of(inputs)
     flat_labels = labels.reshape(-1)
-    stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
-                              gap_threshold=spec.gap_threshold, ignore_index=-100,
-                              logit_source=logit_source)
-    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
-    grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                              stats.max_mix, stats.logsum_mix, coef_mix,
-                              None if spec.gap_threshold is None else coef_strong, lam=spec.lam,
-                              softcap=spec.softcap, strong_request=ALL, weak_request=ALL,
-                              blocks=GradBlocks(50, 96), logit_source=logit_source)
+    stats = mixed_token_stats(strong, weak, flat_labels, spec, logit_source=logit_source)
+    upstream, coefficients = upstream_coefficients(stats, labels, spec)
+    grads = mixed_ce_backward(strong, weak, flat_labels, stats.log_sum_exps, coefficients, spec,
+                              (ALL, ALL), blocks=GradBlocks(50, 96), logit_source=logit_source)
     for grad, name in zip([*grads[0], *grads[1]], ["strong_hidden", "strong_weight",
                                                    "strong_bias", "weak_hidden", "weak_weight",
                                                    "weak_bias"]):
@@ -162,26 +154,19 @@ def test_l2_groups_of_any_size_cover_every_tile_once(tiles_per_group, spec, dtyp
     assert config.token_tiles_per_group(tiles.block_n, row_bytes) == tiles_per_group
     inputs, labels, _ = flat_inputs(shape=(5, 23))  # 115 tokens: 8 token tiles of 16
     inputs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-    args = [inputs[k].detach().reshape(-1, inputs[k].shape[-1]) if k.endswith("hidden")
-            else inputs[k].detach() for k in ("strong_hidden", "strong_weight", "strong_bias",
-                                              "weak_hidden", "weak_weight", "weak_bias")]
+    strong, weak = models_of(inputs)
     flat_labels = labels.reshape(-1)
-    stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
-                              gap_threshold=spec.gap_threshold, ignore_index=-100, tiles=tiles,
-                              num_splits=3)
-    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
+    stats = mixed_token_stats(strong, weak, flat_labels, spec, tiles=tiles, num_splits=3)
+    upstream, coefficients = upstream_coefficients(stats, labels, spec)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     expected = truth(inputs, labels, lam=spec.lam, softcap=spec.softcap,
                      gap_threshold=spec.gap_threshold, upstream=upstream)
     none = GradRequest(False, False, False)
     # Both trained; the weak model frozen; the strong one frozen (only the weak trained).
     for strong_request, weak_request in ((ALL, ALL), (ALL, none), (none, ALL)):
-        grads = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                                  stats.max_mix, stats.logsum_mix, coef_mix,
-                                  None if spec.gap_threshold is None else coef_strong,
-                                  lam=spec.lam, softcap=spec.softcap,
-                                  strong_request=strong_request, weak_request=weak_request,
-                                  tiles=tiles, blocks=GradBlocks(10**6, 96))
+        grads = mixed_ce_backward(strong, weak, flat_labels, stats.log_sum_exps, coefficients,
+                                  spec, (strong_request, weak_request), tiles=tiles,
+                                  blocks=GradBlocks(10**6, 96))
         if strong_request.any and weak_request.any:
             check(spec, stats, grads, inputs, labels, upstream, tol)
             continue
@@ -198,10 +183,9 @@ def test_an_unknown_logit_source_is_refused_by_name(monkeypatch):
     from wmss_kernels import config, mixed_token_stats
 
     monkeypatch.setattr(config, "LOGIT_SOURCE", "tensorcores")
-    inputs, labels, args = flat_inputs()
+    inputs, labels, (strong, weak) = flat_inputs()
     with pytest.raises(ValueError, match="WMSS_LOGIT_SOURCE"):
-        mixed_token_stats(*args, labels.reshape(-1), lam=0.5, softcap=None, gap_threshold=None,
-                          ignore_index=-100)
+        mixed_token_stats(strong, weak, labels.reshape(-1), SPECS["shared-gradient"])
 
 
 @needs_triton
@@ -237,13 +221,12 @@ def test_gradient_buffers_take_a_fixed_fraction_of_the_gradients():
 def test_torch_engine_under_every_block_shape(token_block, vocab_block):
     spec = SPECS["softcap-gap"]
     engine = TorchEngine(token_block=token_block, vocab_block=vocab_block)
-    inputs, labels, args = flat_inputs()
+    inputs, labels, (strong, weak) = flat_inputs()
     flat_labels = labels.reshape(-1)
-    stats = engine.mixed_forward(*args, flat_labels, spec)
-    upstream, coef_mix, coef_strong = upstream_coefficients(stats, labels)
-    grads = engine.mixed_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                                  stats.max_mix, stats.logsum_mix, coef_mix, coef_strong, spec,
-                                  ALL, ALL)
+    stats = engine.mixed_forward(strong, weak, flat_labels, spec)
+    upstream, coefficients = upstream_coefficients(stats, labels, spec)
+    grads = engine.mixed_backward(strong, weak, flat_labels, stats.log_sum_exps, coefficients,
+                                  spec, (ALL, ALL))
     check(spec, stats, grads, inputs, labels, upstream, 1e-5)
 
 
@@ -251,16 +234,14 @@ def test_torch_engine_under_every_block_shape(token_block, vocab_block):
 def test_backward_skips_the_weak_products_when_nothing_weak_is_requested():
     from wmss_kernels import mixed_ce_backward, mixed_token_stats
 
-    inputs, labels, args = flat_inputs()
+    inputs, labels, models = flat_inputs()
     flat_labels = labels.reshape(-1)
-    stats = mixed_token_stats(*args, flat_labels, lam=0.3, softcap=None, gap_threshold=None,
-                              ignore_index=-100)
-    coef = (flat_labels != -100).float()
+    spec = SPECS["shared-gradient"]
+    stats = mixed_token_stats(*models, flat_labels, spec)
+    coefficients = TokenCoefficients((flat_labels != -100).float(), None)
     none = GradRequest(False, False, False)
-    strong, weak = mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                                     stats.max_mix, stats.logsum_mix, coef, None, lam=0.3,
-                                     softcap=None, strong_request=GradRequest(False, True, False),
-                                     weak_request=none)
+    strong, weak = mixed_ce_backward(*models, flat_labels, stats.log_sum_exps, coefficients, spec,
+                                     (GradRequest(False, True, False), none))
     assert strong.hidden is None and strong.bias is None and strong.weight is not None
     assert weak == (None, None, None)
 
@@ -316,18 +297,13 @@ def test_in_place_gradients_of_the_cublas_source_are_repeatable_to_the_bit():
     from wmss_kernels import mixed_ce_backward, mixed_token_stats
     from wmss_kernels.logit_grad import GradBlocks
 
-    inputs, labels, args = flat_inputs(dtype=torch.bfloat16)
+    inputs, labels, (strong, weak) = flat_inputs(dtype=torch.bfloat16)
     flat_labels = labels.reshape(-1)
     spec = SPECS["softcap-gap"]
-    stats = mixed_token_stats(*args, flat_labels, lam=spec.lam, softcap=spec.softcap,
-                              gap_threshold=spec.gap_threshold, ignore_index=-100,
-                              logit_source="cublas")
-    _, coef_mix, coef_strong = upstream_coefficients(stats, labels)
-    runs = [mixed_ce_backward(*args, flat_labels, stats.max_strong, stats.logsum_strong,
-                              stats.max_mix, stats.logsum_mix, coef_mix, coef_strong,
-                              lam=spec.lam, softcap=spec.softcap, strong_request=ALL,
-                              weak_request=ALL, blocks=GradBlocks(10**6, 96),
-                              logit_source="cublas")
+    stats = mixed_token_stats(strong, weak, flat_labels, spec, logit_source="cublas")
+    _, coefficients = upstream_coefficients(stats, labels, spec)
+    runs = [mixed_ce_backward(strong, weak, flat_labels, stats.log_sum_exps, coefficients, spec,
+                              (ALL, ALL), blocks=GradBlocks(10**6, 96), logit_source="cublas")
             for _ in range(5 if DEVICE.type == "cuda" else 2)]
     first = [g for model in runs[0] for g in model]
     for run in runs[1:]:

@@ -40,7 +40,7 @@ def peak_rss_growth(backend: str) -> dict:
 
 @pytest.mark.slow
 def test_torch_backend_rss_growth_is_a_small_fraction_of_the_logits():
-    """Bound (see wmss/torch_backend.py): about ten [256, 2048] float32 blocks plus the gradients
+    """Bound (see wmss/loss/engines/torch_engine.py): about ten [256, 2048] float32 blocks plus the gradients
     (2 * V * D + 2 * N * D floats) and O(N) statistics: ~25 MiB here, under 10% of one [N, V]."""
     fused = peak_rss_growth("torch")
     assert fused["growth"] < 0.10 * LOGITS_BYTES, fused

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import wmss
-from wmss.toy import tiny_causal_lm
+from wmss.recipe.toy import tiny_causal_lm
 
 VOCAB = 101
 

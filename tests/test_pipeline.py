@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from wmss import cli
-from wmss.demo import DemoSettings, run_demo
-from wmss.pipeline import Pipeline, PipelineConfig
-from wmss.toy import char_tokenizer, tiny_causal_lm
-from wmss.trainer import MARKER_FILE, WMSSTrainer
+from wmss import commands as cli
+from wmss.recipe.demo import DemoSettings, run_demo
+from wmss.recipe.pipeline import Pipeline, PipelineConfig
+from wmss.recipe.toy import char_tokenizer, tiny_causal_lm
+from wmss.hf.trainer import MARKER_FILE, WMSSTrainer
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ class _Recorder:
 def _encoded(data, model_dir, max_length=64):
     from transformers import AutoTokenizer
 
-    from wmss.data import load_dataset_file
+    from wmss.recipe.data import load_dataset_file
 
     return load_dataset_file(data, AutoTokenizer.from_pretrained(model_dir), max_length)
 
@@ -226,7 +226,7 @@ def test_joint_training_runs_on_the_active_set_alone(recorded_round):
 
 
 def test_the_selection_follows_every_wd_ds_option_and_draws_the_data_set_size(recorded_round):
-    from wmss import selection
+    from wmss.recipe import selection
 
     settings, report, _ = recorded_round
     stage = os.path.join(settings.output_dir, "round-1", "selection")
@@ -363,24 +363,24 @@ def test_a_kill_between_saving_a_model_and_its_report_resumes_from_the_checkpoin
                                                                                  monkeypatch):
     import transformers
 
-    import wmss.pipeline
+    import wmss.recipe.pipeline
 
     root, base, data = workspace
     straight = Pipeline(config(root, base, data, "sft-straight", rounds=0, save_steps=1),
                         verbose=False).run()
-    real_write = wmss.pipeline.atomic_write_json
+    real_write = wmss.recipe.pipeline.atomic_write_json
 
     def killed_at_the_report(path, *args, **kwargs):
         if str(path).endswith(os.path.join("sft", "report.json")):
             raise KeyboardInterrupt("killed before the report")
         return real_write(path, *args, **kwargs)
 
-    monkeypatch.setattr(wmss.pipeline, "atomic_write_json", killed_at_the_report)
+    monkeypatch.setattr(wmss.recipe.pipeline, "atomic_write_json", killed_at_the_report)
     with pytest.raises(KeyboardInterrupt):
         Pipeline(config(root, base, data, "sft-killed", rounds=0, save_steps=1),
                  verbose=False).run()
     assert os.listdir(root / "sft-killed" / "sft" / "checkpoints")  # kept for the rerun
-    monkeypatch.setattr(wmss.pipeline, "atomic_write_json", real_write)
+    monkeypatch.setattr(wmss.recipe.pipeline, "atomic_write_json", real_write)
 
     resumed_from = []
     real_train = transformers.Trainer.train

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
-import wmss.cli
-from wmss import data, selection, toy
+import wmss.commands
+from wmss.hf import batches
+from wmss.recipe import data, selection, toy
 from wmss.commands import select as select_command
 from wmss.io import DirectoryInUseError, directory_lock
 
@@ -77,7 +78,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_and_writes_nothing(
     out = tmp_path / "out"
     with directory_lock(str(out), "another wmss select"):
         before = contents(out)
-        assert wmss.cli.main(argv(models, data_file, out)) == 1
+        assert wmss.commands.main(argv(models, data_file, out)) == 1
         error = capsys.readouterr().err
         assert error.startswith("wmss select: error:")
         assert "in use by another run (another wmss select" in error
@@ -98,7 +99,7 @@ def test_a_second_run_on_a_locked_directory_is_refused_and_writes_nothing(
 
     monkeypatch.setattr(selection, "score_dataset", probe_lock(selection.score_dataset))
     monkeypatch.setattr(selection, "save_selection", probe_lock(selection.save_selection))
-    assert wmss.cli.main(argv(models, data_file, out)) == 0
+    assert wmss.commands.main(argv(models, data_file, out)) == 0
     assert held == ["score_dataset", "save_selection"]
     assert RESULT_FILES <= set(os.listdir(out))
 
@@ -132,7 +133,7 @@ def test_inputs_are_checked_before_any_model_is_loaded(case, models, tmp_path, c
     elif case == "output is a file":
         out.write_text("my notes\n")
         match = "exists and is not a directory"
-    assert wmss.cli.main(argv(models, data_file, out, *extra)) == 1
+    assert wmss.commands.main(argv(models, data_file, out, *extra)) == 1
     error = capsys.readouterr().err
     assert error.startswith("wmss select: error:") and match in error, error
     assert loaded == []
@@ -145,32 +146,32 @@ def test_inputs_are_checked_before_any_model_is_loaded(case, models, tmp_path, c
 def test_an_edited_data_file_is_never_matched_with_old_scores(models, tmp_path, capsys, loaded):
     data_file = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     out = tmp_path / "out"
-    assert wmss.cli.main(argv(models, data_file, out)) == 0
+    assert wmss.commands.main(argv(models, data_file, out)) == 0
     old_scores = (out / selection.SCORES_FILE).read_text()
 
     edited = [dict(r) for r in RECORDS]
     edited[2] = {"prompt": "1+2=", "completion": "three"}  # as many records, other labels
     write_jsonl(data_file, edited)
     # The outputs of the old data are kept unless --overwrite ...
-    assert wmss.cli.main(argv(models, data_file, out)) == 1
+    assert wmss.commands.main(argv(models, data_file, out)) == 1
     assert "--overwrite" in capsys.readouterr().err
     # ... and so are its scores alone, refused before the models are loaded.
     os.remove(out / selection.ACTIVE_FILE)
     os.remove(out / selection.SUMMARY_FILE)
     loaded.clear()
-    assert wmss.cli.main(argv(models, data_file, out)) == 1
+    assert wmss.commands.main(argv(models, data_file, out)) == 1
     error = capsys.readouterr().err
     assert "computed on a different data set" in error and "--overwrite" in error
     assert loaded == []
     assert (out / selection.SCORES_FILE).read_text() == old_scores
 
     # With --overwrite, the edited data is scored afresh and the active set drawn from it.
-    assert wmss.cli.main(argv(models, data_file, out, "--overwrite")) == 0
+    assert wmss.commands.main(argv(models, data_file, out, "--overwrite")) == 0
     tokenizer = toy.char_tokenizer()
     encoded = data.encode_records(edited, tokenizer)
     scores = selection.DatasetScores.load(out / selection.SCORES_FILE)
     assert scores.metadata["dataset_sha256"] == selection.dataset_fingerprint(encoded)
-    assert scores.tokens.tolist() == [data.supervised_tokens(e) for e in encoded]
+    assert scores.tokens.tolist() == [batches.supervised_tokens(e) for e in encoded]
     strong, weak = (toy.tiny_causal_lm(vocab_size=len(tokenizer), seed=seed,
                                        initializer_range=0.5) for seed in (1, 2))
     fresh = selection.score_dataset(strong, weak, encoded, progress=False, backend="torch")
@@ -184,7 +185,7 @@ def test_keep_duplicates_writes_every_draw(models, tmp_path, capsys):
     data_file = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     out = tmp_path / "out"
     extra = ["--keep-duplicates", "--num-draws", "25", "--seed", "3"]
-    assert wmss.cli.main(argv(models, data_file, out, *extra)) == 0
+    assert wmss.commands.main(argv(models, data_file, out, *extra)) == 0
     printed = capsys.readouterr().out
     active = json.loads((out / selection.ACTIVE_FILE).read_text())
     scores = selection.DatasetScores.load(out / selection.SCORES_FILE)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import BACKENDS, assert_close
 
-import wmss.cli
-from wmss import data, selection, toy
-from wmss.selection import scoring, signatures
+import wmss.commands
+from wmss.hf import batches
+from wmss.recipe import data, selection, toy
+from wmss.recipe.selection import scoring, signatures
 from wmss.io import atomic_write_json, atomic_write_text
 
 # Crafted per-example entropies: dH = strong - weak = [-0.5, +1.0, 0, 0].
@@ -343,7 +344,7 @@ def test_scores_match_float64_entropies_of_the_hf_logits(pair, dataset, backend)
                                      backend=backend)
     assert scores.entropy_strong.dtype == scores.entropy_weak.dtype == torch.float64
     assert scores.tokens.dtype == torch.int64
-    assert scores.tokens.tolist() == [data.supervised_tokens(e) for e in dataset]
+    assert scores.tokens.tolist() == [batches.supervised_tokens(e) for e in dataset]
     assert_close(scores.entropy_strong, reference_scores(strong, dataset), 1e-5, "strong")
     assert_close(scores.entropy_weak, reference_scores(weak, dataset), 1e-5, "weak")
     assert (scores.entropy_strong - scores.entropy_weak).abs().max() > 0.05  # two models
@@ -911,12 +912,12 @@ def test_wmss_select_end_to_end(saved_pair, tmp_path, tokenizer, capsys, monkeyp
     argv = ["select", "--strong", str(saved_pair["strong"]), "--weak", str(saved_pair["weak"]),
             "--data", str(data_file), "--output-dir", str(out), "--batch-size", "3",
             "--no-progress", "--backend", "torch"]
-    assert wmss.cli.main(argv) == 0
+    assert wmss.commands.main(argv) == 0
     printed = capsys.readouterr().out
 
     scores = selection.DatasetScores.load(out / "scores.json")
     encoded = data.encode_records(records, tokenizer)
-    assert scores.tokens.tolist() == [data.supervised_tokens(e) for e in encoded]
+    assert scores.tokens.tolist() == [batches.supervised_tokens(e) for e in encoded]
     assert scores.tokens[-1] == 0 and bool((scores.tokens[:-1] > 0).all())
     strong, weak = _pair(tokenizer)
     assert_close(scores.entropy_strong, reference_scores(strong, encoded), 1e-5, "strong")
@@ -938,7 +939,7 @@ def test_wmss_select_end_to_end(saved_pair, tmp_path, tokenizer, capsys, monkeyp
 
     # Existing outputs are kept unless --overwrite.
     before = {name: (out / name).read_text() for name in os.listdir(out)}
-    assert wmss.cli.main(argv + ["--seed", "1"]) == 1
+    assert wmss.commands.main(argv + ["--seed", "1"]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert {name: (out / name).read_text() for name in os.listdir(out)} == before
 
@@ -949,7 +950,7 @@ def test_wmss_select_end_to_end(saved_pair, tmp_path, tokenizer, capsys, monkeyp
                         lambda *a, **k: passes.append(1) or real(*a, **k))
     options = ["--overwrite", "--seed", "1", "--normalize", "per_term", "--num-draws", "4",
                "--alpha", "0.5", "--beta", "0.2", "--gamma", "0.3"]
-    assert wmss.cli.main(argv + options) == 0
+    assert wmss.commands.main(argv + options) == 0
     assert passes == []
     weights = selection.sampling_weights(scores.entropy_strong, scores.entropy_weak, alpha=0.5,
                                          beta=0.2, gamma=0.3, normalize="per_term")
@@ -961,17 +962,17 @@ def test_wmss_select_end_to_end(saved_pair, tmp_path, tokenizer, capsys, monkeyp
 
 def test_wmss_select_help_and_argument_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        wmss.cli.main(["select", "--help"])
+        wmss.commands.main(["select", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for option in ("--strong", "--weak", "--data", "--output-dir", "--normalize", "--num-draws",
                    "--overwrite"):
         assert option in help_text
     with pytest.raises(SystemExit):
-        wmss.cli.main(["select", "--strong", "s", "--weak", "w", "--data", "d.jsonl",
+        wmss.commands.main(["select", "--strong", "s", "--weak", "w", "--data", "d.jsonl",
                        "--output-dir", str(tmp_path), "--alpha", "-1"])
     assert "must be a finite number >= 0" in capsys.readouterr().err
     missing = ["select", "--strong", "s", "--weak", "w", "--data", str(tmp_path / "none.jsonl"),
                "--output-dir", str(tmp_path / "out")]
-    assert wmss.cli.main(missing) == 1
+    assert wmss.commands.main(missing) == 1
     assert "wmss select: error:" in capsys.readouterr().err

@@ -22,9 +22,9 @@ from trainer_fixtures import (
     own_statistics,
     snapshot,
 )
-from wmss.data import Collator, collate
-from wmss.toy import tiny_causal_lm
-from wmss.trainer import (
+from wmss.hf.batches import Collator, collate
+from wmss.recipe.toy import tiny_causal_lm
+from wmss.hf.trainer import (
     MARKER_FILE,
     CompleteCheckpointMarker,
     WMSSTrainer,
@@ -228,8 +228,8 @@ def test_token_averaging_is_asked_for_only_where_there_are_processes_to_average_
 def test_trl_sft_trainer_trains_the_pair_with_the_wmss_loss(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from wmss.toy import char_tokenizer
-    from wmss.trainer import WMSSSFTTrainer
+    from wmss.recipe.toy import char_tokenizer
+    from wmss.hf.trainer import WMSSSFTTrainer
 
     tokenizer = char_tokenizer()
     records = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(6) for b in range(6)]
@@ -238,8 +238,8 @@ def test_trl_sft_trainer_trains_the_pair_with_the_wmss_loss(tmp_path):
                            save_strategy="no", disable_tqdm=True, bf16=False)
 
     def pair():
-        strong = wmss.toy.tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, seed=1)
-        weak = wmss.toy.tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, seed=2)
+        strong = wmss.recipe.toy.tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, seed=1)
+        weak = wmss.recipe.toy.tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, seed=2)
         return wmss.apply_wmss(strong, weak)
 
     trained = pair()

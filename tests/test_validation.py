@@ -107,7 +107,7 @@ def test_good_num_items_in_batch_divide_the_sum(count):
 def test_a_count_on_the_device_is_checked_in_the_label_checks_sync(monkeypatch):
     """On a GPU the count's value is read in the one host sync of the label check; here a CPU
     count stands in for it (the same code path)."""
-    from wmss import validation
+    from wmss.loss import inputs as validation
 
     monkeypatch.setattr(validation, "readable_without_sync", lambda t: False)
     inputs, labels = make_inputs(shape=(2, 5), vocab=40, d_strong=16, d_weak=12)
@@ -240,7 +240,7 @@ def test_triton_backend_refuses_what_it_cannot_run():
 
 
 def test_auto_picks_torch_on_cuda_for_what_triton_cannot_run(monkeypatch):
-    from wmss import backends
+    from wmss.loss import engines as backends
 
     monkeypatch.setattr(backends, "is_interpreting", lambda: False)
     cuda = torch.device("cuda")

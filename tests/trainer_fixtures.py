@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 import wmss
-from wmss.data import collate
+from wmss.hf.batches import collate
 from wmss.defaults import IGNORE_INDEX
-from wmss.toy import tiny_causal_lm
+from wmss.recipe.toy import tiny_causal_lm
 
 VOCAB = 61
 
@@ -35,7 +35,7 @@ def examples(count: int = 8, ignore_index: int = IGNORE_INDEX) -> list[dict]:
 
 
 class LabelCollator:
-    """``wmss.data.collate`` with labels padded with ``ignore_index`` (a pair's own), and a record
+    """``wmss.hf.batches.collate`` with labels padded with ``ignore_index`` (a pair's own), and a record
     of every batch it made, in order (Trainer's micro-batches)."""
 
     def __init__(self, ignore_index: int = IGNORE_INDEX):

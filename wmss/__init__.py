@@ -7,28 +7,47 @@
 * ``wmss.apply_wmss``: the fused loss for any Hugging Face causal LM pair; ``wmss.WMSSTrainer``
   trains the pair with ``transformers.Trainer``; ``wmss.pipeline`` runs the whole recipe.
 
+The package in layers, each a folder (``wmss_kernels``, beside it, holds the Triton kernels):
+
+* ``wmss/loss/``: the fused loss, its options and its engines (no Hugging Face);
+* ``wmss/hf/``: the Hugging Face integration (``apply_wmss``, ``WMSSTrainer``);
+* ``wmss/recipe/``: the recipe and its data (data files, WD-DS selection, the pipeline, the demo);
+* ``wmss/commands/``: the ``wmss`` command line.
+
 See ``docs/design.md`` for the method (section 1), the fused computation (section 2), the
 engine contract (section 3) and the memory bounds and precision rules (section 4).
 Names that need transformers are imported on first use, so ``import wmss`` stays light.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-from .entropy import token_entropy
-from .loss import FusedWMSSLoss, fused_loss
-from .stats import TokenStats
+from .loss import FusedWMSSLoss, LossOptions, TokenStats, fused_loss, token_entropy
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "apply_wmss": ("wmss.pair", "apply_wmss"),
-    "WMSSPair": ("wmss.pair", "WMSSPair"),
-    "WMSSTrainer": ("wmss.trainer", "WMSSTrainer"),
-    "selection": ("wmss.selection", None),
-    "pipeline": ("wmss.pipeline", None),
+    "apply_wmss": ("wmss.hf.pair", "apply_wmss"),
+    "WMSSPair": ("wmss.hf.pair", "WMSSPair"),
+    "WMSSTrainer": ("wmss.hf.trainer", "WMSSTrainer"),
+    "WMSSSFTTrainer": ("wmss.hf.trainer", "WMSSSFTTrainer"),
+    "training_arguments": ("wmss.hf.trainer", "training_arguments"),
+    "selection": ("wmss.recipe.selection", None),
+    "pipeline": ("wmss.recipe.pipeline", None),
 }
 
-__all__ = ["FusedWMSSLoss", "TokenStats", "__version__", "fused_loss", "token_entropy", *_LAZY]
+# Modules that users import by these names (SPEC, README), kept importable where they now live.
+_MODULE_ALIASES = {
+    "wmss.selection": "wmss.recipe.selection",
+    "wmss.pipeline": "wmss.recipe.pipeline",
+    "wmss.trainer": "wmss.hf.trainer",
+    "wmss.pair": "wmss.hf.pair",
+}
+
+__all__ = ["FusedWMSSLoss", "LossOptions", "TokenStats", "__version__", "fused_loss",
+           "token_entropy", *_LAZY]
 
 
 def __getattr__(name):
@@ -37,3 +56,23 @@ def __getattr__(name):
         module = importlib.import_module(module_name)
         return module if attribute is None else getattr(module, attribute)
     raise AttributeError(f"module 'wmss' has no attribute {name!r}")
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import wmss.selection`` (and the other names of ``_MODULE_ALIASES``) gives the module
+    where it lives: one module object under two names, so patching either patches both."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _MODULE_ALIASES:
+            return None
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec):
+        return importlib.import_module(_MODULE_ALIASES[spec.name])
+
+    def exec_module(self, module):
+        pass  # already executed under its own name
+
+
+if not any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_AliasFinder())

@@ -1,75 +1,28 @@
-"""Argument checking for the public functions: every error names the argument at fault.
+"""Argument checks shared by every layer: each error names the argument at fault.
 
-Bad input must fail here, with a ``ValueError`` or ``TypeError`` a user can act on, and never as a
-NaN, a hang or a crash deep inside a kernel.
+Bad input must fail with a ``ValueError`` or ``TypeError`` a user can act on, and never as a NaN,
+a hang or a crash deep inside a kernel. The checks of the loss's own options and tensors live
+with the loss (``wmss.loss.options``, ``wmss.loss.inputs``).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch", "reference")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FLOAT32_MAX = torch.finfo(torch.float32).max
-FLOAT32_TINY = torch.finfo(torch.float32).tiny
-
 INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 
-# The label-range check costs one host-device synchronisation per call on CUDA (the same sync
-# also checks the value of a ``num_items_in_batch`` tensor on the device); set this environment
-# variable to 1 to skip both (out-of-range labels then give undefined losses, and a device
-# ``num_items_in_batch`` is divided by as given).
-SKIP_LABEL_CHECK_ENV = "WMSS_SKIP_LABEL_CHECK"
 
-
-@dataclass(frozen=True)
-class MixedLossSpec:
-    """The validated scalar options of the mixed loss, handed to every backend."""
-
-    lam: float
-    softcap: Optional[float]
-    gap_threshold: Optional[float]
-    ignore_index: int
-
-
-def _real(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+def check_real(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    """``value`` as a float; ``TypeError`` for bools and non-numbers (None when allowed)."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, "
                         f"got {type(value).__name__}")
     return float(value)
-
-
-def check_lam(lam) -> float:
-    lam = _real("lam", lam)
-    if not math.isfinite(lam) or not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be a finite number in [0, 1], got {lam}")
-    return lam
-
-
-def check_softcap(softcap) -> Optional[float]:
-    softcap = _real("softcap", softcap, allow_none=True)
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a finite positive number or None, got {softcap}")
-    if softcap is not None and not FLOAT32_TINY <= softcap <= FLOAT32_MAX:
-        raise ValueError(f"softcap must be between {FLOAT32_TINY:.4g} and {FLOAT32_MAX:.4g} "
-                         f"(float32's range: the cap is applied in float32), got {softcap}")
-    return softcap
-
-
-def check_gap_threshold(gap_threshold) -> Optional[float]:
-    gap_threshold = _real("gap_threshold", gap_threshold, allow_none=True)
-    if gap_threshold is not None and math.isnan(gap_threshold):
-        raise ValueError("gap_threshold must be a number or None, got nan")
-    return gap_threshold
 
 
 def check_ignore_index(ignore_index) -> int:
@@ -108,185 +61,3 @@ def check_choice(name: str, value, choices: tuple) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
-
-
-NUM_ITEMS_MEANING = "the count of supervised tokens that reduction='mean' divides by"
-
-
-def check_num_items(num_items_in_batch, reduction: str):
-    """``num_items_in_batch``: None, or the count that ``reduction="mean"`` divides the sum by.
-
-    Accepted: a Python integer (or a float with a whole value) >= 0, or a one-element tensor,
-    integer (value >= 0) or floating (finite and >= 0: Hugging Face Trainer passes the count as a
-    float tensor divided by the number of ranks that share a batch, which need not be whole).
-    bool, complex and meta tensors are refused. A count of 0 (an accumulated batch with no
-    supervised token, which training on masked data can meet) is accepted only when this call
-    has no supervised token either: its loss is then 0 (``check_labels`` checks this).
-
-    A tensor on the CPU is checked here. The value of a tensor on an accelerator is not read
-    here (that would be a host sync): ``check_labels(num_items=...)`` checks it in the host sync of
-    the label-range check, so a bad value still raises, at no extra cost (and is not checked when
-    ``WMSS_SKIP_LABEL_CHECK=1`` skips that sync).
-
-    Returns:
-        None, an ``int``, or the tensor.
-    """
-    if num_items_in_batch is None:
-        return None
-    if reduction != "mean":
-        raise ValueError(f"num_items_in_batch replaces the denominator of reduction='mean'; "
-                         f"it cannot be combined with reduction={reduction!r}")
-    if isinstance(num_items_in_batch, torch.Tensor):
-        count = num_items_in_batch
-        if count.dtype == torch.bool or count.is_complex():
-            raise TypeError(f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be an integer or "
-                            f"floating tensor, got {count.dtype}")
-        if count.numel() != 1:
-            raise ValueError("num_items_in_batch must be a number or a one-element tensor, got a "
-                             f"tensor of shape {tuple(count.shape)}")
-        if count.is_meta:
-            raise ValueError("num_items_in_batch is on meta (a meta tensor has no value)")
-        if readable_without_sync(count) and bool(count_is_invalid(count)):
-            raise ValueError(_bad_count_message(count))
-        return count
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
-        raise TypeError("num_items_in_batch must be an int, a one-element tensor or None, got "
-                        f"{type(num_items_in_batch).__name__}")
-    value = float(num_items_in_batch)
-    if not (math.isfinite(value) and 0 <= value <= INT64_MAX and value == math.floor(value)):
-        raise ValueError(f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be a whole number >= 0, "
-                         f"got {num_items_in_batch!r}")
-    return int(num_items_in_batch)
-
-
-def readable_without_sync(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values on the host costs no device synchronisation."""
-    return t.device.type == "cpu"
-
-
-def count_is_invalid(count: torch.Tensor) -> torch.Tensor:
-    """0-d bool tensor on ``count``'s device (no host sync): a one-element ``num_items_in_batch``
-    tensor that ``check_num_items`` would refuse for its value."""
-    count = count.reshape(())
-    if count.is_floating_point():
-        return ~(torch.isfinite(count) & (count >= 0))
-    return count < 0
-
-
-def _bad_count_message(count: torch.Tensor) -> str:
-    rule = "finite and >= 0" if count.is_floating_point() else ">= 0"
-    return (f"num_items_in_batch ({NUM_ITEMS_MEANING}) must be {rule}, got a {count.dtype} "
-            f"tensor holding {count.item()}")
-
-
-def check_tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
-    if floating and value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or "
-                        f"float64), got {value.dtype}")
-    return value
-
-
-def check_head(prefix: str, hidden, weight, bias) -> None:
-    """One model's hidden states ``(..., d)``, lm-head weight ``(V, d)`` and optional bias ``(V,)``.
-
-    ``prefix`` is prepended to the argument names in messages ("strong_", "weak_" or "").
-    """
-    check_tensor(f"{prefix}hidden", hidden)
-    check_tensor(f"{prefix}weight", weight)
-    if hidden.dim() < 1:
-        raise ValueError(f"{prefix}hidden must have at least one dimension (..., d)")
-    if weight.dim() != 2:
-        raise ValueError(f"{prefix}weight must be 2-D (V, d), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{prefix}weight has hidden size {weight.shape[1]} but {prefix}hidden "
-                         f"has {hidden.shape[-1]} (shapes {tuple(weight.shape)} and "
-                         f"{tuple(hidden.shape)})")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{prefix}weight has an empty vocabulary")
-    if weight.shape[1] == 0:
-        raise ValueError(f"{prefix}hidden and {prefix}weight have hidden size 0 (shapes "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}); d must be >= 1")
-    if bias is not None:
-        check_tensor(f"{prefix}bias", bias)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},) to match "
-                             f"{prefix}weight, got {tuple(bias.shape)}")
-
-
-def check_same_device(named: dict) -> torch.device:
-    """The one device of the tensors in ``named`` (None entries skipped); every entry must be a
-    tensor with values (not on meta)."""
-    for name, t in named.items():
-        if t is not None:
-            check_tensor(name, t, floating=False)
-            if t.is_meta:
-                raise ValueError(f"{name} is on meta (a meta tensor has a shape but no values "
-                                 "to compute with)")
-    devices = {name: t.device for name, t in named.items() if t is not None}
-    first_name, device = next(iter(devices.items()))
-    for name, other in devices.items():
-        if other != device:
-            raise ValueError(f"{name} is on {other} but {first_name} is on {device}; all inputs "
-                             "must be on one device")
-    return device
-
-
-def check_pair_dtypes(prefix: str, hidden, weight, bias, under_autocast: bool = False) -> None:
-    """As for ``torch.nn.functional.linear``, a model's tensors share a dtype (after autocast's
-    casts, when ``under_autocast``)."""
-    if hidden.dtype != weight.dtype:
-        hint = ("torch.autocast does not cast float64 tensors, as for torch.nn.functional.linear"
-                if under_autocast else "pass matching dtypes or run under torch.autocast")
-        raise ValueError(f"{prefix}hidden is {hidden.dtype} but {prefix}weight is "
-                         f"{weight.dtype}; {hint}")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise ValueError(f"{prefix}bias is {bias.dtype} but {prefix}weight is {weight.dtype}")
-
-
-def check_labels(labels, leading_shape: torch.Size, vocab: int, ignore_index: int,
-                 name: str = "labels", num_items=None) -> torch.Tensor:
-    """Integer labels shaped like the hidden states without their last dimension, in ``[0, V)``.
-
-    ``num_items``: the result of ``check_num_items``; a tensor of it off the CPU has its value
-    checked in the same host sync as the labels' range (one sync for both).
-
-    Returns:
-        ``labels`` as int64.
-    """
-    check_tensor(name, labels, floating=False)
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
-    if labels.shape != leading_shape:
-        raise ValueError(f"{name} has shape {tuple(labels.shape)} but the hidden states have "
-                         f"leading shape {tuple(leading_shape)}; labels are aligned with the "
-                         "hidden states (no shift inside)")
-    labels = labels.long()
-    if os.environ.get(SKIP_LABEL_CHECK_ENV, "0") not in ("", "0"):
-        return labels
-    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    problems = [out_of_range.any()]
-    deferred_count = isinstance(num_items, torch.Tensor) and not readable_without_sync(num_items)
-    if deferred_count:
-        problems.append(count_is_invalid(num_items).to(labels.device))
-    # A count of 0 must mean that nothing here is supervised. A Python count is known on the host:
-    # no tensor to copy to the device; a tensor count is compared where it lives.
-    if isinstance(num_items, torch.Tensor):
-        zero_count = (num_items.reshape(()) == 0).to(labels.device)
-        problems.append(zero_count & (labels != ignore_index).any())
-    elif num_items == 0:
-        problems.append((labels != ignore_index).any())
-    if (labels.numel() or deferred_count) and bool(torch.stack(problems).any()):  # the one sync
-        if bool(problems[0]):
-            bad = labels[out_of_range][:5].tolist()
-            raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index="
-                             f"{ignore_index}; found {bad}")
-        if deferred_count and bool(problems[1]):
-            raise ValueError(_bad_count_message(num_items))
-        raise ValueError(f"num_items_in_batch is 0 but {name} holds "
-                         f"{int((labels != ignore_index).sum())} supervised tokens; it must count "
-                         "the supervised tokens of the whole (accumulated) batch")
-    return labels

@@ -4,16 +4,16 @@
 * ``logit_grad``: backward, recomputing logit tiles and handing chunked logit gradients to cuBLAS.
 * ``logit_tiles``: the ``@triton.jit`` building blocks both share.
 * ``products``: the cuBLAS products, with float32 accumulation whatever the operands.
-* ``results``: the launchers' result types (plain PyTorch; the ``torch`` backend returns them too).
 * ``config``: every tile shape, launch setting and memory budget.
+* ``compile_check``: ahead-of-time compilation of every production configuration.
 
-Submodules that need Triton are imported on first use, so ``wmss_kernels.results`` and
-``wmss_kernels.config`` work on machines without Triton.
+The launchers take and return the types of the engine contract,
+``wmss.loss.engines.contract`` (``ModelInputs``, ``MixedLossSpec``, ``MixedTokenStats``...).
+Submodules that need Triton are imported on first use, so ``wmss_kernels.config`` works on
+machines without Triton.
 """
 
 import importlib
-
-from .results import GradRequest, MixedTokenStats, ModelGrads, SingleTokenStats
 
 _LAZY = {
     "mixed_token_stats": "fused_stats",
@@ -21,7 +21,7 @@ _LAZY = {
     "mixed_ce_backward": "logit_grad",
 }
 
-__all__ = ["GradRequest", "MixedTokenStats", "ModelGrads", "SingleTokenStats", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

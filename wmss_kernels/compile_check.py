@@ -64,7 +64,12 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from . import config
-from .results import GradRequest
+from wmss.loss.engines.contract import (
+    GradRequest,
+    MixedLossSpec,
+    ModelInputs,
+    TokenCoefficients,
+)
 
 # Shared memory one block may use, in bytes (CUDA programming guide, "Technical Specifications").
 SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
@@ -375,8 +380,8 @@ class _Inputs:
     """The launchers' inputs for one dtype: plausible values (the kernels never run, but a
     launcher may look at its inputs), shared by every variant of the dtype."""
 
-    strong: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden, weight, bias
-    weak: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    strong: ModelInputs
+    weak: ModelInputs
     labels: torch.Tensor  # in [0, VOCAB), every fourth position ignored (-100)
     coef_mix: torch.Tensor  # the mean's upstream gradient on even positions ("mixed")
     coef_strong: torch.Tensor  # and on odd ones (plain strong CE under gap masking)
@@ -389,7 +394,8 @@ def _inputs(dtype: torch.dtype) -> _Inputs:
     def head():
         def randn(*shape, scale=1.0):
             return (torch.randn(*shape, generator=generator) * scale).to(dtype)
-        return randn(TOKENS, HIDDEN), randn(VOCAB, HIDDEN, scale=HIDDEN ** -0.5), randn(VOCAB)
+        return ModelInputs(randn(TOKENS, HIDDEN), randn(VOCAB, HIDDEN, scale=HIDDEN ** -0.5),
+                           randn(VOCAB))
 
     positions = torch.arange(TOKENS)
     labels = torch.where(positions % 4 == 3, IGNORE_INDEX, positions * 7 % VOCAB)
@@ -406,25 +412,23 @@ def drive(variant: Variant, tiles: Optional[config.Tiles] = None) -> None:
     from . import mixed_ce_backward, mixed_token_stats, single_token_stats
 
     inputs = _inputs(DTYPES[variant.dtype])
-    strong, weak = ((h, w, b if variant.bias else None) for h, w, b in (inputs.strong,
-                                                                        inputs.weak))
-    softcap = SOFTCAP if variant.softcap else None
+    strong, weak = (model if variant.bias else model._replace(bias=None)
+                    for model in (inputs.strong, inputs.weak))
+    spec = MixedLossSpec(lam=variant.lam, softcap=SOFTCAP if variant.softcap else None,
+                         gap_threshold=0.0 if variant.gap else None, ignore_index=IGNORE_INDEX)
     options = dict(tiles=tiles, logit_source=variant.source)
     with _matmul_precision(variant.tf32):
         if not variant.two_models:
-            single_token_stats(*strong, inputs.labels, softcap=softcap,
+            single_token_stats(strong, inputs.labels, softcap=spec.softcap,
                                ignore_index=IGNORE_INDEX, **options)
             return
-        stats = mixed_token_stats(*strong, *weak, inputs.labels, lam=variant.lam,
-                                  softcap=softcap, gap_threshold=0.0 if variant.gap else None,
-                                  ignore_index=IGNORE_INDEX, **options)
+        stats = mixed_token_stats(strong, weak, inputs.labels, spec, **options)
         trained = GradRequest(True, True, variant.bias)
         frozen = GradRequest(False, False, False)
-        mixed_ce_backward(*strong, *weak, inputs.labels, stats.max_strong, stats.logsum_strong,
-                          stats.max_mix, stats.logsum_mix, inputs.coef_mix,
-                          inputs.coef_strong if variant.gap else None, lam=variant.lam,
-                          softcap=softcap, strong_request=trained,
-                          weak_request=trained if variant.train_weak else frozen, **options)
+        coefficients = TokenCoefficients(inputs.coef_mix,
+                                         inputs.coef_strong if variant.gap else None)
+        mixed_ce_backward(strong, weak, inputs.labels, stats.log_sum_exps, coefficients, spec,
+                          (trained, frozen if not variant.train_weak else trained), **options)
 
 
 def record(arch: int, variants: Sequence[Variant],

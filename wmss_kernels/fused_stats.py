@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from wmss.loss.engines.contract import MixedLossSpec, MixedTokenStats, ModelInputs, SingleTokenStats
+
 from . import config
 from .logit_tiles import (
     fold_model,
@@ -45,7 +47,6 @@ from .logit_tiles import (
     online_update_lse,
 )
 from .products import write_product
-from .results import MixedTokenStats, SingleTokenStats
 
 _MASKED = tl.constexpr(config.MASKED_LOGIT)
 
@@ -363,37 +364,35 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
 
 
 def mixed_token_stats(
-    strong_hidden: torch.Tensor, strong_weight: torch.Tensor, strong_bias: Optional[torch.Tensor],
-    weak_hidden: torch.Tensor, weak_weight: torch.Tensor, weak_bias: Optional[torch.Tensor],
-    labels: torch.Tensor, *, lam: float, softcap: Optional[float], gap_threshold: Optional[float],
-    ignore_index: int, tiles: Optional[config.Tiles] = None, num_splits: Optional[int] = None,
+    strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor, spec: MixedLossSpec, *,
+    tiles: Optional[config.Tiles] = None, num_splits: Optional[int] = None,
     logit_source: Optional[str] = None,
 ) -> MixedTokenStats:
     """Per-token loss and statistics of the mixed-logit cross-entropy, without materialising logits.
 
     Args:
-        strong_hidden: ``[N, d_s]``, unit column stride; bf16, fp16 or fp32.
-        strong_weight: ``[V, d_s]``, unit column stride, same dtype as ``strong_hidden``.
-        strong_bias: ``[V]`` or None.
-        weak_hidden, weak_weight, weak_bias: the weak model's, ``[N, d_w]``, ``[V, d_w]``, ``[V]``.
-        labels: ``[N]`` int64, each in ``[0, V)`` or equal to ``ignore_index`` (not checked here).
+        strong: the strong model's ``ModelInputs``: hidden ``[N, d_s]`` and weight ``[V, d_s]``
+            with unit column stride, bf16, fp16 or fp32 (one dtype), bias ``[V]`` or None.
+        weak: the weak model's, ``[N, d_w]``, ``[V, d_w]``, ``[V]``.
+        labels: ``[N]`` int64, each in ``[0, V)`` or equal to ``spec.ignore_index`` (not checked
+            here).
+        spec: lam, softcap, gap threshold and ignore index.
         tiles, num_splits, logit_source: launch overrides (tests, tuning); defaults from
             ``config`` (``num_splits`` and ``tiles`` apply to the ``"triton"`` logit source).
 
     Returns:
         ``MixedTokenStats`` of float32 ``[N]`` tensors (``mixed`` is bool).
     """
-    out, mixed = _launch((strong_hidden, strong_weight, strong_bias),
-                         (weak_hidden, weak_weight, weak_bias), labels, lam=lam, softcap=softcap,
-                         gap_threshold=gap_threshold, ignore_index=ignore_index, tiles=tiles,
-                         num_splits=num_splits, logit_source=logit_source)
+    out, mixed = _launch(strong, weak, labels, lam=spec.lam, softcap=spec.softcap,
+                         gap_threshold=spec.gap_threshold, ignore_index=spec.ignore_index,
+                         tiles=tiles, num_splits=num_splits, logit_source=logit_source)
     return MixedTokenStats(*out.unbind(0), mixed)
 
 
 def single_token_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    *, softcap: Optional[float], ignore_index: int, tiles: Optional[config.Tiles] = None,
-    num_splits: Optional[int] = None, logit_source: Optional[str] = None,
+    model: ModelInputs, labels: torch.Tensor, *, softcap: Optional[float], ignore_index: int,
+    tiles: Optional[config.Tiles] = None, num_splits: Optional[int] = None,
+    logit_source: Optional[str] = None,
 ) -> SingleTokenStats:
     """Per-token entropy, log-sum-exp and target log-prob of one model's next-token distribution.
 
@@ -401,7 +400,7 @@ def single_token_stats(
     ``ignore_index`` get entropy and log-prob 0 (pass labels all different from ``ignore_index``
     to score every position).
     """
-    out, _ = _launch((hidden, weight, bias), None, labels, lam=1.0, softcap=softcap,
+    out, _ = _launch(model, None, labels, lam=1.0, softcap=softcap,
                      gap_threshold=None, ignore_index=ignore_index, tiles=tiles,
                      num_splits=num_splits, logit_source=logit_source)
     fields = MixedTokenStats(*out.unbind(0), mixed=None)

@@ -50,6 +50,15 @@ import torch
 import triton
 import triton.language as tl
 
+from wmss.loss.engines.contract import (
+    GradRequest,
+    LogSumExps,
+    MixedLossSpec,
+    ModelGrads,
+    ModelInputs,
+    TokenCoefficients,
+)
+
 from . import config
 from .logit_tiles import (
     grouped_tile,
@@ -61,7 +70,6 @@ from .logit_tiles import (
     to_storage,
 )
 from .products import accumulate_product, float32_output_is_free, write_product
-from .results import GradRequest, ModelGrads
 
 _MASKED = tl.constexpr(config.MASKED_LOGIT)
 
@@ -284,20 +292,22 @@ def plan_grad_blocks(num_tokens: int, vocab: int, bytes_per_entry: int, budget_b
     return GradBlocks(min(max(chunk, tiles.block_n), num_tokens), narrowest)
 
 
-def _factor_coefficients(coef_mix: torch.Tensor, coef_strong: Optional[torch.Tensor]):
-    """``(scale, coef_mix / scale, coef_strong / scale)`` with ``scale = max |c|`` (a float32 0-d
-    tensor; 1 when every coefficient is 0).
+def _factor_coefficients(coefficients: TokenCoefficients) -> tuple[torch.Tensor, TokenCoefficients]:
+    """``(scale, coefficients / scale)`` with ``scale = max |c|`` (a float32 0-d tensor; 1 when
+    every coefficient is 0).
 
     The kernels write ``(c_n / scale) * g``, of the size of ``g`` whatever the reduction: folding
     ``c_n = 1/N`` into a half-precision gradient would flush most softmax entries of an fp16
     ``g`` to zero at N ~ 16k (and cost bf16 nothing but buys it nothing either). ``scale`` then
     multiplies the float32 results of the products on the device: no host synchronisation.
     """
+    coef_mix, coef_strong = coefficients
     peak = coef_mix.abs().amax()
     if coef_strong is not None:
         peak = torch.maximum(peak, coef_strong.abs().amax())
     scale = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return scale, coef_mix / scale, None if coef_strong is None else coef_strong / scale
+    return scale, TokenCoefficients(coef_mix / scale,
+                                    None if coef_strong is None else coef_strong / scale)
 
 
 class _ModelOutputs:
@@ -405,17 +415,19 @@ class _BlockGrads:
     model that is not stored).
     """
 
-    def __init__(self, source, tiles, chunk, block, hs, ws, bs, hw, ww, bw, labels, max_strong,
-                 logsum_strong, max_mix, logsum_mix, coef_mix, coef_strong, *, lam, softcap,
-                 store_s, store_w, shared, one_gradient):
+    def __init__(self, source: str, tiles: config.Tiles, chunk: int, block: int,
+                 strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor, lse: LogSumExps,
+                 coefficients: TokenCoefficients, *, lam: float, softcap: Optional[float],
+                 store_s: bool, store_w: bool, shared: bool, one_gradient: bool):
         self.source, self.tiles, self.shared = source, tiles, shared
         self.one_gradient = one_gradient
-        self.heads = (hs, ws, bs), (hw, ww, bw)
+        self.heads = strong, weak
+        (hs, _, bs), (hw, _, bw) = strong, weak
         self.store = store_s, store_w
-        has_gap = coef_strong is not None
-        self.unused = max_mix  # placeholder for pointers a launch never dereferences
-        self.row_inputs = (labels, max_strong, logsum_strong, max_mix, logsum_mix, coef_mix,
-                           coef_strong if has_gap else self.unused)
+        has_gap = coefficients.strong is not None
+        self.unused = lse.max_mix  # placeholder for pointers a launch never dereferences
+        self.row_inputs = (labels, *lse, coefficients.mix,
+                           coefficients.strong if has_gap else self.unused)
         self.lam = float(lam)
         self.scalars = (self.lam, 1.0 if shared else self.lam, float(softcap or 1.0))
         # Token tiles per L2 group (grouped_tile): both models' hidden rows count.
@@ -505,27 +517,24 @@ class _BlockGrads:
 
 
 def mixed_ce_backward(
-    strong_hidden: torch.Tensor, strong_weight: torch.Tensor, strong_bias: Optional[torch.Tensor],
-    weak_hidden: torch.Tensor, weak_weight: torch.Tensor, weak_bias: Optional[torch.Tensor],
-    labels: torch.Tensor, max_strong: torch.Tensor, logsum_strong: torch.Tensor,
-    max_mix: torch.Tensor, logsum_mix: torch.Tensor, coef_mix: torch.Tensor,
-    coef_strong: Optional[torch.Tensor], *, lam: float,
-    softcap: Optional[float], strong_request: GradRequest, weak_request: GradRequest,
-    tiles: Optional[config.Tiles] = None, blocks: Optional[GradBlocks] = None,
-    logit_source: Optional[str] = None,
+    strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor, lse: LogSumExps,
+    coefficients: TokenCoefficients, spec: MixedLossSpec,
+    requests: tuple[GradRequest, GradRequest], *, tiles: Optional[config.Tiles] = None,
+    blocks: Optional[GradBlocks] = None, logit_source: Optional[str] = None,
 ) -> tuple[ModelGrads, ModelGrads]:
     """Gradients of ``sum_n c_n * loss_n`` with respect to both models' inputs.
 
     Args:
-        strong_hidden ... weak_bias: as in ``fused_stats.mixed_token_stats``.
+        strong, weak: as in ``fused_stats.mixed_token_stats``.
         labels: ``[N]`` int64.
-        max_strong, logsum_strong, max_mix, logsum_mix: float32 ``[N]`` log-sum-exps of the strong
-            and mixed logits from the forward, as (max, log-sum) pairs.
-        coef_mix: float32 ``[N]``, the upstream gradient of mixed tokens (0 elsewhere).
-        coef_strong: float32 ``[N]``, the upstream gradient of supervised tokens trained with plain
-            strong CE under gap masking (0 elsewhere); None when gap masking is off.
-        strong_request, weak_request: which gradients to compute; the others come back as None and
-            cost nothing (no weak request at all skips the weak products and buffers).
+        lse: float32 ``[N]`` log-sum-exps of the strong and mixed logits from the forward, as
+            (max, log-sum) pairs.
+        coefficients: float32 ``[N]`` upstream gradients: ``mix`` of mixed tokens (0
+            elsewhere); ``strong`` of supervised tokens trained with plain strong CE under gap
+            masking (0 elsewhere), None when gap masking is off.
+        spec: ``lam`` and ``softcap`` are used (gap masking is in the coefficients).
+        requests: ``(strong, weak)``, which gradients to compute; the others come back as None
+            and cost nothing (no weak request at all skips the weak products and buffers).
         tiles, blocks, logit_source: launch overrides (tests, tuning); ``blocks`` defaults to
             ``plan_grad_blocks`` under ``gradient_buffer_budget``, ``logit_source`` to
             ``config.LOGIT_SOURCE``; ``tiles`` apply to the ``"triton"`` source.
@@ -534,9 +543,13 @@ def mixed_ce_backward(
         ``(strong, weak)`` ``ModelGrads``: ``hidden`` and ``weight`` grads in the inputs' dtypes,
         ``bias`` grads float32 (the caller casts them to the parameters' dtypes).
     """
+    lam, softcap = spec.lam, spec.softcap
+    strong_request, weak_request = requests
+    strong_hidden, strong_weight, _ = strong
+    weak_hidden, weak_weight, _ = weak
     num_tokens, vocab = strong_hidden.shape[0], strong_weight.shape[0]
     store_s, store_w = strong_request.any, weak_request.any
-    has_gap = coef_strong is not None
+    has_gap = coefficients.strong is not None
     # Without soft-capping and gap masking, dL/dz_s = lam g and dL/dz_w = (1 - lam) g: one buffer
     # holds g for both models (half the bytes written and read), scaled in the products instead.
     mix_only = softcap is None and not has_gap
@@ -575,7 +588,7 @@ def mixed_ce_backward(
         return _zero_grads(strong_request, strong_hidden, strong_weight), _zero_grads(
             weak_request, weak_hidden, weak_weight)
     single_chunk = chunk >= num_tokens
-    scale, coef_mix, coef_strong = _factor_coefficients(coef_mix, coef_strong)
+    scale, coefficients = _factor_coefficients(coefficients)
     scratch = None
     if single_chunk and scratch_dim:
         scratch = torch.empty(block * scratch_dim, device=strong_hidden.device,
@@ -586,9 +599,8 @@ def mixed_ce_backward(
                           scratch)
 
     block_grads = _BlockGrads(
-        source, tiles, chunk, block, strong_hidden, strong_weight, strong_bias, weak_hidden,
-        weak_weight, weak_bias, labels, max_strong, logsum_strong, max_mix, logsum_mix, coef_mix,
-        coef_strong, lam=lam, softcap=softcap, store_s=store_s, store_w=store_w, shared=shared,
+        source, tiles, chunk, block, strong, weak, labels, lse, coefficients, lam=lam,
+        softcap=softcap, store_s=store_s, store_w=store_w, shared=shared,
         one_gradient=one_gradient)
     for t0 in range(0, num_tokens, chunk):
         tokens = slice(t0, min(t0 + chunk, num_tokens))

@@ -1,4 +1,4 @@
-"""``wmss demo``: WMSS against plain SFT at the same epoch budget on a tiny model (see wmss.demo)."""
+"""``wmss demo``: WMSS against plain SFT at the same epoch budget on a tiny model (see wmss.recipe.demo)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import shutil
 import sys
 import tempfile
 
-from ..demo import DemoSettings, run_demo
+from ..recipe.demo import DemoSettings, run_demo
 
 
 

@@ -29,10 +29,10 @@ import os
 import sys
 
 from wmss import defaults
-from wmss.selection import (ACTIVE_FILE, ENTROPY_TERMS, MAX_DRAWS, MAX_KEPT_DRAWS, NORMALIZATIONS,
+from wmss.recipe.selection import (ACTIVE_FILE, ENTROPY_TERMS, MAX_DRAWS, MAX_KEPT_DRAWS, NORMALIZATIONS,
                             SCORES_FILE, SEED_LIMIT, SUMMARY_FILE, SelectionOptions)
+from wmss.loss.engines import BACKENDS
 from wmss.validation import limit_text
-from wmss.validation import BACKENDS
 
 HELP = "WD-DS: score a JSONL data set with a strong and a weak model and draw the active set"
 
@@ -119,7 +119,7 @@ def add_arguments(parser) -> None:
                         help="weak model (M_t-1), sharing the strong model's tokenizer")
     parser.add_argument("--data", required=True, metavar="FILE.jsonl",
                         help="records: {prompt, completion}, {messages} or {text} per line "
-                             "(see wmss.data)")
+                             "(see wmss.recipe.data)")
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help=f"where {SCORES_FILE}, {ACTIVE_FILE} and {SUMMARY_FILE} go")
     add_selection_arguments(parser.add_argument_group("selection (WD-DS)"))
@@ -143,7 +143,7 @@ def add_arguments(parser) -> None:
 
 
 def _load_model(path: str, dtype: str, device: str):
-    from wmss.hf import load_causal_lm
+    from wmss.hf.models import load_causal_lm
 
     return load_causal_lm(path, dtype).to(device)
 
@@ -194,7 +194,8 @@ def _device(name):
 def _select(args) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
-    from wmss import data, selection
+    from wmss.hf import batches
+    from wmss.recipe import data, selection
     from wmss.io import directory_lock
 
     # Everything that can be checked without the models' weights is, before they are loaded.
@@ -221,7 +222,7 @@ def _select(args) -> int:
         weak = _load_model(args.weak, args.dtype, device)
         scores = selection.score_dataset(
             strong, weak, dataset, batch_size=args.batch_size,
-            pad_token_id=data.pad_token_id(tokenizer),
+            pad_token_id=batches.pad_token_id(tokenizer),
             output=paths[SCORES_FILE], backend=args.backend, progress=not args.no_progress,
             overwrite=args.overwrite, save_interval=args.save_interval)
         del strong, weak  # free the models before the (CPU-only) rest

@@ -10,7 +10,7 @@ import json
 import sys
 
 from .. import defaults
-from ..pipeline import Pipeline, PipelineConfig
+from ..recipe.pipeline import Pipeline, PipelineConfig
 from .select import add_selection_arguments, selection_options
 
 

@@ -1,8 +1,9 @@
-"""The ``reference`` backend: docs/design.md section 1.1 written plainly, logits in memory.
+"""The ``reference`` engine: docs/design.md section 1.1 written plainly, logits in memory.
 
 For tests and debugging only: it materialises ``[N, V]`` logits of both models (and autograd
 keeps more), in float32, or float64 when either model is float64. Gradients come from autograd,
-to any order (double backward included).
+to any order (double backward included). It implements the ``Engine`` contract as the fused
+engines do, so the public layer treats it like them.
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from wmss_kernels.results import MixedTokenStats, SingleTokenStats
+from .contract import (
+    FLOAT_DTYPES,
+    MixedLossSpec,
+    MixedTokenStats,
+    ModelInputs,
+    SingleTokenStats,
+    compute_dtype,
+)
 
-from .validation import MixedLossSpec
 
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype of the computation and of the results for inputs of ``dtypes``: float64 if any
-    is float64, else float32 (half-precision inputs are computed in float32)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-           softcap: Optional[float], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def logits(model: ModelInputs, softcap: Optional[float],
+           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``softcap(hidden @ weight^T + bias)`` upcast to ``dtype`` (default: the compute dtype of
-    ``hidden``): ``[N, V]``."""
-    dtype = compute_dtype(hidden.dtype) if dtype is None else dtype
-    z = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    the model's inputs): ``[N, V]``."""
+    dtype = compute_dtype(model.dtype) if dtype is None else dtype
+    hidden, weight, bias = model.map(lambda t: t.to(dtype))
+    z = F.linear(hidden, weight, bias)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z
@@ -38,15 +39,15 @@ def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(-1)
 
 
-def mixed_loss(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias,
-               labels: torch.Tensor, spec: MixedLossSpec) -> MixedTokenStats:
+def mixed_loss(strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,
+               spec: MixedLossSpec) -> MixedTokenStats:
     """Per-token mixed loss (differentiable) and statistics; inputs are flat ``[N, d]``/``[N]``.
 
     Both models' logits are computed in ``compute_dtype`` of the pair's dtypes, as are the results.
     """
-    dtype = compute_dtype(strong_hidden.dtype, weak_hidden.dtype)
-    z_s = logits(strong_hidden, strong_weight, strong_bias, spec.softcap, dtype)
-    z_w = logits(weak_hidden, weak_weight, weak_bias, spec.softcap, dtype)
+    dtype = compute_dtype(strong.dtype, weak.dtype)
+    z_s = logits(strong, spec.softcap, dtype)
+    z_w = logits(weak, spec.softcap, dtype)
     z_m = spec.lam * z_s + (1.0 - spec.lam) * z_w
     logp_s, logp_w, logp_m = (z.log_softmax(-1) for z in (z_s, z_w, z_m))
 
@@ -74,13 +75,13 @@ def mixed_loss(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weig
 
 
 @torch.no_grad()
-def single_stats(hidden, weight, bias, labels: torch.Tensor, softcap: Optional[float],
+def single_stats(model: ModelInputs, labels: torch.Tensor, softcap: Optional[float],
                  ignore_index: int) -> SingleTokenStats:
     """Entropy, log-sum-exp and target log-prob of one model; 0 where ``labels == ignore_index``.
 
-    In the compute dtype of ``hidden`` (float32, or float64).
+    In the compute dtype of the model's inputs (float32, or float64).
     """
-    z = logits(hidden, weight, bias, softcap)
+    z = logits(model, softcap)
     log_probs = z.log_softmax(-1)
     supervised = labels != ignore_index
     target = labels.clamp(0, z.shape[-1] - 1).unsqueeze(-1)
@@ -90,3 +91,17 @@ def single_stats(hidden, weight, bias, labels: torch.Tensor, softcap: Optional[f
         lse=z.logsumexp(-1),
         logprob=torch.where(supervised, log_probs.gather(-1, target).squeeze(-1), zero),
     )
+
+
+class ReferenceEngine:
+    """``mixed_loss`` and ``single_stats`` above, as an ``Engine``."""
+
+    supported_dtypes = FLOAT_DTYPES
+
+    def mixed_loss(self, strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,
+                   spec: MixedLossSpec) -> MixedTokenStats:
+        return mixed_loss(strong, weak, labels, spec)
+
+    def single_stats(self, model: ModelInputs, labels: torch.Tensor, softcap: Optional[float],
+                     ignore_index: int) -> SingleTokenStats:
+        return single_stats(model, labels, softcap, ignore_index)

@@ -18,14 +18,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import data, hf
-from ..defaults import IGNORE_INDEX
-from ..entropy import token_entropy
-from ..validation import BACKENDS, check_choice, check_flag, check_ignore_index
+from ...defaults import IGNORE_INDEX
+from ...hf import batches
+from ...hf import models as hf
+from ...loss import token_entropy
+from ...loss.engines import BACKENDS
+from ...validation import check_choice, check_flag, check_ignore_index, check_int
 from .catalog import _Catalog, _catalog
 from .scores_file import DatasetScores
 from .signatures import _Checkpoint, _model_signature
-from ..validation import check_int
 
 __all__ = ["SAVE_INTERVAL", "score_dataset"]
 
@@ -71,14 +72,14 @@ def _batch_tensors(dataset, indices: list[int], pad_token_id: int, ignore_index:
     """Right-padded ``input_ids``, ``attention_mask`` ``[B, T]``; shifted ``targets`` ``[B, T]``.
 
     ``targets[:, t]`` is the label of position ``t + 1``, predicted by the hidden state at ``t``
-    (the HF shift, ``wmss.data.shift_labels``); padding, unsupervised positions and the last
+    (the HF shift, ``wmss.hf.batches.shift_labels``); padding, unsupervised positions and the last
     position hold ``ignore_index``.
     """
-    batch = data.collate([dataset[i] for i in indices], pad_token_id)
+    batch = batches.collate([dataset[i] for i in indices], pad_token_id)
     labels = torch.where(batch["attention_mask"].bool(), batch["labels"],
                          torch.full_like(batch["labels"], ignore_index))
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "targets": data.shift_labels(labels, ignore_index)}
+            "targets": batches.shift_labels(labels, ignore_index)}
 
 
 def _entropy_sums(model: nn.Module, head: hf.LMHead, batch: dict, backend: str,
@@ -110,11 +111,11 @@ def score_dataset(strong_model: nn.Module, weak_model: nn.Module, dataset: Seque
 
     Args:
         strong_model, weak_model: Hugging Face causal LMs sharing the data set's tokenizer (each
-            on its own device; see ``wmss.hf.LMHead`` for the supported heads). They run in eval
+            on its own device; see ``wmss.hf.models.LMHead`` for the supported heads). They run in eval
             mode without gradients; their training modes are restored afterwards.
         dataset: a sequence of ``{"input_ids": [...], "labels": [...]}`` (lists of ints, labels
             aligned with input_ids and ``ignore_index`` on unsupervised tokens), exactly what
-            ``wmss.data.encode_records`` returns. Other keys are ignored.
+            ``wmss.recipe.data.encode_records`` returns. Other keys are ignored.
         batch_size: examples per forward pass. Examples are batched in order of decreasing
             length (little padding; an out-of-memory error shows up in the first batch); results
             come back in data-set order.

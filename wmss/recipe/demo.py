@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from .hf import load_causal_lm
-from .io import atomic_write_json, atomic_write_text
+from ..hf.models import load_causal_lm
+from ..io import atomic_write_json, atomic_write_text
 from .pipeline import Pipeline, PipelineConfig
 from .toy import char_tokenizer, tiny_causal_lm
 

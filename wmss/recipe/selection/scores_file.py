@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..io import atomic_write_json
+from ...io import atomic_write_json
 
 __all__ = ["DatasetScores", "FORMAT_VERSION", "READABLE_VERSIONS", "SCORES_FORMAT"]
 

@@ -1,4 +1,4 @@
-"""Training data: JSONL records -> tokenised examples with completion-only labels -> padded batches.
+"""Training data: JSONL records -> tokenised examples with completion-only labels.
 
 A record is one JSON object per line of a UTF-8 file (a byte-order mark at the start is accepted;
 blank lines are skipped), in exactly one of three forms:
@@ -27,6 +27,7 @@ prompt that fills ``max_length``) is legal: it counts 0 supervised tokens, so se
 An encoded example is a dict with ``input_ids`` and ``labels`` (lists of ints, equal length);
 ``labels`` holds ``IGNORE_INDEX`` on unsupervised tokens and is aligned with ``input_ids`` (HF
 convention: the model shifts it). Sequences longer than ``max_length`` are cut at the end.
+``wmss.hf.batches`` pads them into batches.
 """
 
 from __future__ import annotations
@@ -37,11 +38,9 @@ import json
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
-import torch
-
-from .defaults import IGNORE_INDEX, MAX_LENGTH
+from ..defaults import IGNORE_INDEX, MAX_LENGTH
 
 # The three record forms, by the key that announces each; a record holds exactly one of them.
 PROMPT_KEYS = ("prompt", "completion")
@@ -362,56 +361,3 @@ def encode_records(records: Iterable[Union[dict, Record]], tokenizer,
             _check_chat_tokenizer(tokenizer, where)
         checked.append((fields, form, where))
     return [_encode(fields, form, tokenizer, max_length, where) for fields, form, where in checked]
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """HF causal-LM shift, kept aligned with the hidden states: position ``t`` predicts
-    ``labels[..., t + 1]`` and the last position predicts nothing. Shifting the labels instead of
-    slicing ``hidden[:, :-1]`` spares a copy of the ``[batch, seq, d]`` hidden states."""
-    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
-
-
-def supervised_tokens(example: dict) -> int:
-    """Number of supervised next-token targets (after the HF shift) of an encoded example."""
-    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
-
-
-def collate(examples: Sequence[dict], pad_token_id: int, *,
-            pad_to_multiple_of: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
-    length = max(len(e["input_ids"]) for e in examples)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    batch = {
-        "input_ids": torch.full((len(examples), length), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
-        "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
-    }
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"], dtype=torch.long)
-        batch["attention_mask"][row, :n] = 1
-        batch["labels"][row, :n] = torch.as_tensor(example["labels"], dtype=torch.long)
-    return batch
-
-
-class Collator:
-    """``collate`` as a picklable callable for ``DataLoader``/``Trainer`` (``data_collator=``).
-
-    Accepts examples with extra keys (they are dropped).
-    """
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, falling back to EOS (and 0) as HF training scripts do."""
-    for candidate in (getattr(tokenizer, "pad_token_id", None),
-                      getattr(tokenizer, "eos_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return 0

@@ -10,43 +10,12 @@ from typing import Optional, Union
 
 import torch
 
-from . import backends, defaults, reference
-from .autograd import mixed_cross_entropy
+from .. import defaults
+from . import engines
+from .engines.contract import ModelInputs
+from .inputs import prepare_pair
+from .options import LossOptions
 from .stats import TokenStats
-from .validation import (
-    BACKENDS,
-    REDUCTIONS,
-    MixedLossSpec,
-    check_choice,
-    check_flag,
-    check_gap_threshold,
-    check_head,
-    check_ignore_index,
-    check_labels,
-    check_lam,
-    check_num_items,
-    check_pair_dtypes,
-    check_same_device,
-    check_softcap,
-)
-
-
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``device``'s type, or None outside ``torch.autocast``."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def cast_for_autocast(device: torch.device, named: dict) -> dict:
-    """As ``torch.nn.functional.linear`` does inside autocast, cast every floating input but
-    float64 ones (autocast leaves float64 alone) to the autocast dtype (differentiably: gradients
-    come back in each input's own dtype)."""
-    dtype = autocast_dtype(device)
-    if dtype is None:
-        return named
-    return {name: t if t is None or t.dtype == torch.float64 else t.to(dtype)
-            for name, t in named.items()}
 
 
 def reduce_loss(per_token: torch.Tensor, supervised: torch.Tensor, reduction: str,
@@ -54,9 +23,9 @@ def reduce_loss(per_token: torch.Tensor, supervised: torch.Tensor, reduction: st
     """Reduce per-token losses (0 at ignored positions) without a host sync.
 
     "mean" divides by the number of supervised tokens, or by ``num_items_in_batch`` (validated
-    by ``check_num_items``) when given. A count of 0 supervised tokens is replaced by 1, so a
-    batch with nothing supervised gives 0.0, never NaN (a count of 0 is accepted only for a call
-    with nothing supervised).
+    by ``wmss.loss.inputs.check_num_items``) when given. A count of 0 supervised tokens is
+    replaced by 1, so a batch with nothing supervised gives 0.0, never NaN (a count of 0 is
+    accepted only for a call with nothing supervised).
     """
     if reduction == "none":
         return per_token
@@ -115,7 +84,7 @@ def fused_loss(
             accumulation: the supervised tokens of the whole accumulated batch): an int >= 1, or a
             one-element tensor, integer (>= 1) or floating (finite, > 0; Hugging Face Trainer
             passes a float tensor). A tensor on a GPU is checked in the host sync of the label
-            check, none extra (see ``wmss.validation.check_num_items``).
+            check, none extra (see ``wmss.loss.inputs.check_num_items``).
         softcap: final-logit soft-capping ``c * tanh(z / c)``, per model before mixing (Gemma 2/3).
         train_weak: False freezes the weak model: no gradient reaches ``weak_*``, and its gradient
             products are skipped.
@@ -145,59 +114,42 @@ def fused_loss(
     "torch" and "triton"; "reference" supports it.
 
     Raises:
-        TypeError, ValueError: naming the argument at fault (see ``wmss.validation``).
+        TypeError, ValueError: naming the argument at fault (see ``wmss.loss.options`` and
+            ``wmss.loss.inputs``).
         RuntimeError: from the backward, when run with ``create_graph=True`` on "torch" or
             "triton".
     """
-    spec = MixedLossSpec(lam=check_lam(lam), softcap=check_softcap(softcap),
-                         gap_threshold=check_gap_threshold(gap_threshold),
-                         ignore_index=check_ignore_index(ignore_index))
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_flag("train_weak", train_weak)
-    check_flag("return_stats", return_stats)
-    num_items_in_batch = check_num_items(num_items_in_batch, reduction)
-    check_head("strong_", strong_hidden, strong_weight, strong_bias)
-    check_head("weak_", weak_hidden, weak_weight, weak_bias)
-    if weak_weight.shape[0] != strong_weight.shape[0]:
-        raise ValueError(f"weak_weight has vocabulary size {weak_weight.shape[0]} but strong_weight "
-                         f"has {strong_weight.shape[0]}; both models must share one vocabulary")
-    if weak_hidden.shape[:-1] != strong_hidden.shape[:-1]:
-        raise ValueError(f"weak_hidden has leading shape {tuple(weak_hidden.shape[:-1])} but "
-                         f"strong_hidden has {tuple(strong_hidden.shape[:-1])}")
-    named = dict(strong_hidden=strong_hidden, strong_weight=strong_weight,
-                 strong_bias=strong_bias, weak_hidden=weak_hidden, weak_weight=weak_weight,
-                 weak_bias=weak_bias)
-    device = check_same_device({**named, "labels": labels})
-    labels = check_labels(labels, strong_hidden.shape[:-1], strong_weight.shape[0],
-                          spec.ignore_index, num_items=num_items_in_batch)
-    named = cast_for_autocast(device, named)
-    under_autocast = autocast_dtype(device) is not None
-    for prefix in ("strong_", "weak_"):
-        check_pair_dtypes(prefix, *(named[prefix + part] for part in ("hidden", "weight", "bias")),
-                          under_autocast=under_autocast)
-    if not train_weak:
-        named.update({k: v.detach() for k, v in named.items() if k.startswith("weak") and v is not None})
-    backend = backends.resolve(backend, device, [(k, v.dtype) for k, v in named.items()
-                                                 if v is not None])
+    options = LossOptions(lam=lam, ignore_index=ignore_index, reduction=reduction,
+                          softcap=softcap, train_weak=train_weak, gap_threshold=gap_threshold,
+                          return_stats=return_stats, backend=backend)
+    return fused_loss_with(options, ModelInputs(strong_hidden, strong_weight, strong_bias),
+                           ModelInputs(weak_hidden, weak_weight, weak_bias), labels,
+                           num_items_in_batch)
 
-    shape = labels.shape
-    flat = [None if t is None else (t.reshape(-1, t.shape[-1]) if k.endswith("hidden") else t)
-            for k, t in named.items()]
-    flat_labels = labels.reshape(-1)
-    with torch.autocast(device.type, enabled=False):
-        if backend == "reference":
-            out = reference.mixed_loss(*flat, flat_labels, spec)
-        else:
-            out = mixed_cross_entropy(*flat, flat_labels, spec, backends.engine(backend))
-    supervised = flat_labels != spec.ignore_index
-    loss = reduce_loss(out.loss, supervised, reduction, num_items_in_batch)
-    if reduction == "none":
-        loss = loss.reshape(shape)
-    if not return_stats:
+
+def fused_loss_with(options: LossOptions, strong: ModelInputs, weak: ModelInputs,
+                    labels: torch.Tensor, num_items_in_batch=None):
+    """``fused_loss`` with its options given as a checked ``LossOptions`` (what
+    ``FusedWMSSLoss`` and ``WMSSPair`` call: their options were checked once, at construction).
+
+    ``strong`` and ``weak``: each model's ``(hidden (..., d), weight (V, d), bias (V,) or None)``.
+    """
+    prepared = prepare_pair(strong, weak, labels, ignore_index=options.ignore_index,
+                            reduction=options.reduction, train_weak=options.train_weak,
+                            backend=options.backend, num_items_in_batch=num_items_in_batch)
+    # The inputs are cast already; autocast must not recast the engines' products.
+    with torch.autocast(prepared.labels.device.type, enabled=False):
+        out = engines.engine(prepared.backend).mixed_loss(prepared.strong, prepared.weak,
+                                                          prepared.labels, options.spec)
+    supervised = prepared.labels != options.ignore_index
+    loss = reduce_loss(out.loss, supervised, options.reduction, prepared.num_items_in_batch)
+    if options.reduction == "none":
+        loss = loss.reshape(prepared.shape)
+    if not options.return_stats:
         return loss
     stats = TokenStats(out.entropy_strong, out.entropy_weak, out.logprob_strong,
                        out.logprob_weak, out.logprob_mix, out.mixed)
-    return loss, stats.map(lambda t: t.reshape(shape))
+    return loss, stats.map(lambda t: t.reshape(prepared.shape))
 
 
 class FusedWMSSLoss(torch.nn.Module):
@@ -214,20 +166,17 @@ class FusedWMSSLoss(torch.nn.Module):
                  gap_threshold: Optional[float] = None, return_stats: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        # Validate now, so a bad option fails at construction rather than at the first step.
-        check_lam(lam), check_softcap(softcap), check_gap_threshold(gap_threshold)
-        check_ignore_index(ignore_index), check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("backend", backend, BACKENDS)
-        check_flag("train_weak", train_weak), check_flag("return_stats", return_stats)
-        self.options = dict(lam=lam, ignore_index=ignore_index, reduction=reduction,
-                            softcap=softcap, train_weak=train_weak, gap_threshold=gap_threshold,
-                            return_stats=return_stats, backend=backend)
+        # Checked now, so a bad option fails at construction rather than at the first step.
+        self.options = LossOptions(lam=lam, ignore_index=ignore_index, reduction=reduction,
+                                   softcap=softcap, train_weak=train_weak,
+                                   gap_threshold=gap_threshold, return_stats=return_stats,
+                                   backend=backend)
 
     def forward(self, strong_hidden, strong_weight, weak_hidden, weak_weight, labels, *,
                 strong_bias=None, weak_bias=None, num_items_in_batch=None):
-        return fused_loss(strong_hidden, strong_weight, weak_hidden, weak_weight, labels,
-                          strong_bias=strong_bias, weak_bias=weak_bias,
-                          num_items_in_batch=num_items_in_batch, **self.options)
+        return fused_loss_with(self.options, ModelInputs(strong_hidden, strong_weight, strong_bias),
+                               ModelInputs(weak_hidden, weak_weight, weak_bias), labels,
+                               num_items_in_batch)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_kwargs().items())

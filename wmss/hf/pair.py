@@ -21,19 +21,12 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import defaults
-from .data import shift_labels as shift
-from .hf import LMHead, RouterAux, backbone_outputs, unwrap
-from .loss import fused_loss
-from .stats import TokenStats
-from .validation import (
-    BACKENDS,
-    check_choice,
-    check_flag,
-    check_gap_threshold,
-    check_ignore_index,
-    check_lam,
-)
+from .. import defaults
+from ..loss import LossOptions, TokenStats, fused_loss_with
+from ..loss.engines.contract import ModelInputs
+from .batches import shift_labels as shift
+from ..validation import check_flag
+from .models import LMHead, RouterAux, backbone_outputs, unwrap
 
 
 @dataclass
@@ -100,12 +93,9 @@ class WMSSPair(nn.Module):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
 
-    def __init__(self, strong: nn.Module, weak: nn.Module, *, lam: float, train_weak: bool,
-                 gap_threshold: Optional[float], backend: str, ignore_index: int):
+    def __init__(self, strong: nn.Module, weak: nn.Module, options: LossOptions):
         super().__init__()
         self.strong, self.weak = strong, weak
-        self.lam, self.train_weak, self.gap_threshold = lam, train_weak, gap_threshold
-        self.backend, self.ignore_index = backend, ignore_index
         strong_head, weak_head = LMHead.of(strong), LMHead.of(weak)
         if strong_head.weight.shape[0] != weak_head.weight.shape[0]:
             raise ValueError(
@@ -115,6 +105,10 @@ class WMSSPair(nn.Module):
         if strong_head.softcap != weak_head.softcap:
             raise ValueError(f"the strong model soft-caps its logits at {strong_head.softcap} and the "
                              f"weak model at {weak_head.softcap}; they must agree")
+        # The loss's options, the heads' soft-cap included; the pair reduces with "mean" and
+        # reads the per-token statistics for its logged means.
+        self.loss_options = options.replace(softcap=strong_head.softcap, reduction="mean",
+                                            return_stats=True)
         for name, model, head in (("strong", strong, strong_head), ("weak", weak, weak_head)):
             try:
                 head.verify(model)
@@ -128,10 +122,18 @@ class WMSSPair(nn.Module):
                 self._router_aux[name] = RouterAux.of(model)
             except ValueError as error:
                 self._router_aux[name], self._router_error[name] = None, str(error)
-                if self._config_wants_router_logits(model) and (name == "strong" or train_weak):
+                if self._config_wants_router_logits(model) and (
+                        name == "strong" or options.train_weak):
                     raise ValueError(f"{name} model: {error}") from None
-        if not train_weak:
+        if not options.train_weak:
             weak.requires_grad_(False)
+
+    # The options as attributes (read by the trainer, the pipeline and users).
+    lam = property(lambda self: self.loss_options.lam)
+    train_weak = property(lambda self: self.loss_options.train_weak)
+    gap_threshold = property(lambda self: self.loss_options.gap_threshold)
+    backend = property(lambda self: self.loss_options.backend)
+    ignore_index = property(lambda self: self.loss_options.ignore_index)
 
     @staticmethod
     def _config_wants_router_logits(model: nn.Module) -> bool:
@@ -223,12 +225,9 @@ class WMSSPair(nn.Module):
         hidden_w, bias_w = weak_head.fused_inputs(hidden_w)
         targets = (shift_labels if shift_labels is not None
                    else shift(labels, self.ignore_index))
-        loss, stats = fused_loss(
-            hidden_s, strong_head.weight, hidden_w, weak_head.weight, targets, lam=self.lam,
-            strong_bias=bias_s, weak_bias=bias_w, ignore_index=self.ignore_index,
-            num_items_in_batch=num_items_in_batch, softcap=strong_head.softcap,
-            train_weak=self.train_weak, gap_threshold=self.gap_threshold, return_stats=True,
-            backend=self.backend)
+        loss, stats = fused_loss_with(
+            self.loss_options, ModelInputs(hidden_s, strong_head.weight, bias_s),
+            ModelInputs(hidden_w, weak_head.weight, bias_w), targets, num_items_in_batch)
         supervised = targets != self.ignore_index
         num_tokens = supervised.sum()
         count = num_tokens.clamp(min=1)
@@ -292,19 +291,15 @@ def apply_wmss(strong_model: nn.Module, weak_model: nn.Module, lam: float = defa
     Nothing is patched globally; the models are used as they are (the weak model is only frozen
     when ``train_weak`` is False).
     """
-    check_lam(lam)
-    check_flag("train_weak", train_weak)
+    options = LossOptions(lam=lam, train_weak=train_weak, gap_threshold=gap_threshold,
+                          backend=backend, ignore_index=ignore_index)
     check_flag("use_liger", use_liger)
-    check_gap_threshold(gap_threshold)
-    check_choice("backend", backend, BACKENDS)
-    check_ignore_index(ignore_index)
     if strong_model is weak_model:
         raise ValueError("strong_model and weak_model are the same object; WMSS needs two models "
                          "(load the weak checkpoint separately)")
     if use_liger:
         _apply_liger(strong_model, weak_model)
-    return WMSSPair(strong_model, weak_model, lam=float(lam), train_weak=train_weak,
-                    gap_threshold=gap_threshold, backend=backend, ignore_index=ignore_index)
+    return WMSSPair(strong_model, weak_model, options)
 
 
 def _apply_liger(*models: nn.Module) -> None:

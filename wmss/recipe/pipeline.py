@@ -33,14 +33,15 @@ from typing import Callable, Optional
 
 import torch
 
-from . import defaults
-from .data import (Collator, data_sha256, encode_records, pad_token_id, read_records,
-                   supervised_tokens)
-from .hf import load_causal_lm
-from .io import atomic_write_json, directory_lock
+from .. import defaults
+from ..hf.batches import Collator, pad_token_id, supervised_tokens
+from ..hf.models import load_causal_lm
+from ..io import atomic_write_json, directory_lock
+from .data import data_sha256, encode_records, read_records
 from .selection import SelectionOptions
-from .validation import (BACKENDS, check_choice, check_flag, check_gap_threshold, check_int,
-                         check_lam)
+from ..loss.engines import BACKENDS
+from ..loss.options import check_gap_threshold, check_lam
+from ..validation import check_choice, check_flag, check_int
 
 RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -320,7 +321,7 @@ class Pipeline:
         self.log(f"[wmss] {len(self.dataset)} examples from {c.data}")
 
     def _training_args(self, output_dir: str, epochs: float):
-        from .trainer import training_arguments
+        from ..hf.trainer import training_arguments
 
         c = self.config
         return training_arguments(
@@ -337,7 +338,7 @@ class Pipeline:
         """``trainer.train()``, resuming from the stage's last complete checkpoint if any."""
         from transformers import PrinterCallback
 
-        from .trainer import (CompleteCheckpointMarker, last_complete_checkpoint,
+        from ..hf.trainer import (CompleteCheckpointMarker, last_complete_checkpoint,
                               set_aside_incomplete_checkpoints)
 
         if not self.verbose:
@@ -408,8 +409,8 @@ class Pipeline:
                 "summary": chosen.summary}
 
     def _joint_train(self, stage_dir: str, weak: str, strong: str, active: list[int]) -> dict:
-        from .pair import apply_wmss
-        from .trainer import WMSSTrainer
+        from ..hf.pair import apply_wmss
+        from ..hf.trainer import WMSSTrainer
 
         c = self.config
         pair = apply_wmss(load_causal_lm(strong, c.dtype), load_causal_lm(weak, c.dtype),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..defaults import IGNORE_INDEX
+from ...defaults import IGNORE_INDEX
 
 __all__ = ["dataset_fingerprint"]
 
@@ -40,7 +40,7 @@ def _catalog(dataset, ignore_index: int) -> _Catalog:
     if isinstance(dataset, (str, bytes, Mapping)) or not (hasattr(dataset, "__len__") and
                                                           hasattr(dataset, "__getitem__")):
         raise TypeError("dataset must be a sequence of {'input_ids', 'labels'} dicts (as "
-                        f"wmss.data.encode_records returns), got {type(dataset).__name__}")
+                        f"wmss.recipe.data.encode_records returns), got {type(dataset).__name__}")
     digest = hashlib.sha256(b"wmss.selection.dataset/1")
     digest.update(np.asarray([len(dataset), ignore_index], dtype="<i8").tobytes())
     lengths, tokens, max_input_id, max_label = [], [], -1, -1

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import hf
-from ..defaults import IGNORE_INDEX
-from ..io import atomic_write_json
-from ..validation import check_flag, check_ignore_index
+from ...defaults import IGNORE_INDEX
+from ...hf import models as hf
+from ...io import atomic_write_json
+from ...validation import check_flag, check_ignore_index
 from .catalog import _Catalog, _catalog
 from .scores_file import FORMAT_VERSION, DatasetScores, _read_scores_file, _scores_document
 

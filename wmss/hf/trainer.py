@@ -44,9 +44,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import Collator, pad_token_id
-from .hf import unwrap
-from .io import atomic_write_json
+from ..io import atomic_write_json
+from .batches import Collator, pad_token_id
+from .models import unwrap
 from .pair import WMSSPair
 
 STRONG_DIR, WEAK_DIR = "strong", "weak"
@@ -480,9 +480,9 @@ class WMSSTrainerMixin:
 class WMSSTrainer(WMSSTrainerMixin, Trainer):
     """``transformers.Trainer`` for a ``WMSSPair`` (see the module doc).
 
-    ``data_collator`` defaults to ``wmss.data.Collator`` with the tokenizer's pad id when a
+    ``data_collator`` defaults to ``wmss.hf.batches.Collator`` with the tokenizer's pad id when a
     ``processing_class`` (tokenizer) is given; the datasets hold ``input_ids`` and ``labels``
-    (``wmss.data.encode_records``).
+    (``wmss.recipe.data.encode_records``).
     """
 
     def __init__(self, model: WMSSPair, args: TrainingArguments, *trainer_args, **kwargs):

@@ -14,8 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..defaults import ALPHA, BETA, GAMMA
-from ..validation import check_choice, check_flag, check_int, limit_text
+from ...defaults import ALPHA, BETA, GAMMA
+from ...validation import check_choice, check_flag, check_int, limit_text
 
 __all__ = ["ENTROPY_TERMS", "MAX_DRAWS", "MAX_KEPT_DRAWS", "NORMALIZATIONS", "SEED_LIMIT", "TERMS",
            "draw_active", "sampling_weights", "weight_terms"]

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from ..defaults import ALPHA, BETA, GAMMA
-from ..io import atomic_write_json
-from ..validation import check_choice, check_flag, check_int
+from ...defaults import ALPHA, BETA, GAMMA
+from ...io import atomic_write_json
+from ...validation import check_choice, check_flag, check_int
 from .scores_file import DatasetScores
 from .weights import (ENTROPY_TERMS, MAX_DRAWS, NORMALIZATIONS, SEED_LIMIT, TERMS,
                       _check_kept_draws, _coefficient, draw_active,

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: the fused algorithm in chunked PyTorch, for CPUs (and any device).
+"""The ``torch`` engine: the fused algorithm in chunked PyTorch, for CPUs (and any device).
 
 It computes exactly what the Triton kernels compute, block by block: the vocabulary is cut into
 ``vocab_block`` columns and the tokens into ``token_block`` rows; each ``[token_block,
@@ -23,10 +23,20 @@ from typing import Optional
 import torch
 
 from wmss_kernels.config import MASKED_LOGIT
-from wmss_kernels.results import GradRequest, MixedTokenStats, ModelGrads, SingleTokenStats
 
-from .reference import compute_dtype
-from .validation import MixedLossSpec
+from ..autograd import FusedEngineBase
+from .contract import (
+    FLOAT_DTYPES,
+    GradRequest,
+    LogSumExps,
+    MixedLossSpec,
+    MixedTokenStats,
+    ModelGrads,
+    ModelInputs,
+    SingleTokenStats,
+    TokenCoefficients,
+    compute_dtype,
+)
 
 # Block shape of the logits held at once. 256 x 2048 float32 is 2 MiB per block: large enough
 # for efficient matrix products on a CPU, small next to any realistic [N, V].
@@ -34,13 +44,13 @@ TOKEN_BLOCK = 256
 VOCAB_BLOCK = 2048
 
 
-class _Head:
-    """One model's ``(hidden [N, d], weight [V, d], bias [V] | None)`` and its logit blocks,
-    computed in ``dtype`` (float32 or float64)."""
+class _BlockedHead:
+    """One model's ``ModelInputs`` cut into logit blocks computed in ``dtype`` (float32 or
+    float64)."""
 
-    def __init__(self, hidden, weight, bias, softcap: Optional[float], dtype: torch.dtype):
-        self.hidden, self.weight, self.bias, self.softcap = hidden, weight, bias, softcap
-        self.dtype = dtype
+    def __init__(self, inputs: ModelInputs, softcap: Optional[float], dtype: torch.dtype):
+        self.hidden, self.weight, self.bias = inputs
+        self.softcap, self.dtype = softcap, dtype
 
     def weight_block(self, vocab: slice):
         w = self.weight[vocab].to(self.dtype)
@@ -118,19 +128,20 @@ class _Targets:
         return p.scatter_add_(1, self.columns, -self.inside.to(p.dtype).unsqueeze(1))
 
 
-def _heads(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias,
-           softcap: Optional[float]) -> tuple[_Head, _Head]:
+def _heads(strong: ModelInputs, weak: ModelInputs,
+           softcap: Optional[float]) -> tuple[_BlockedHead, _BlockedHead]:
     """Both models' heads, in the one compute dtype of the pair."""
-    dtype = compute_dtype(strong_hidden.dtype, weak_hidden.dtype)
-    return (_Head(strong_hidden, strong_weight, strong_bias, softcap, dtype),
-            _Head(weak_hidden, weak_weight, weak_bias, softcap, dtype))
+    dtype = compute_dtype(strong.dtype, weak.dtype)
+    return _BlockedHead(strong, softcap, dtype), _BlockedHead(weak, softcap, dtype)
 
 
-class TorchEngine:
-    """Chunked PyTorch implementation of the three operations every backend engine provides.
+class TorchEngine(FusedEngineBase):
+    """The ``FusedEngine`` contract in chunked PyTorch.
 
     Results (statistics, gradients' accumulators) are in the compute dtype (see module doc).
     """
+
+    supported_dtypes = FLOAT_DTYPES
 
     def __init__(self, token_block: int = TOKEN_BLOCK, vocab_block: int = VOCAB_BLOCK):
         if token_block < 1 or vocab_block < 1:
@@ -141,7 +152,7 @@ class TorchEngine:
         """This engine (it has no run-time configuration to fix between forward and backward)."""
         return self
 
-    def _blocks(self, num_tokens: int, *heads: _Head):
+    def _blocks(self, num_tokens: int, *heads: _BlockedHead):
         """``(vocab slice, token slice, [(w, b) per head])`` over every block. The vocabulary is
         the outer loop, so each weight block is cast to the compute dtype once."""
         vocab = heads[0].weight.shape[0]
@@ -152,10 +163,9 @@ class TorchEngine:
                 yield vocab_slice, slice(n0, min(n0 + self.token_block, num_tokens)), weights
 
     @torch.no_grad()
-    def mixed_forward(self, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
-                      weak_bias, labels, spec: MixedLossSpec) -> MixedTokenStats:
-        strong, weak = _heads(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
-                              weak_bias, spec.softcap)
+    def mixed_forward(self, strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,
+                      spec: MixedLossSpec) -> MixedTokenStats:
+        strong, weak = _heads(strong, weak, spec.softcap)
         num_tokens, device, dtype = labels.shape[0], labels.device, strong.dtype
         acc_s, acc_w = _Online(num_tokens, device, dtype), _Online(num_tokens, device, dtype)
         acc_m = _Online(num_tokens, device, dtype, with_entropy=False)
@@ -183,9 +193,9 @@ class TorchEngine:
                                stat(h_w), stat(logp_s), stat(logp_w), stat(logp_m), mixed)
 
     @torch.no_grad()
-    def single_forward(self, hidden, weight, bias, labels, softcap: Optional[float],
-                       ignore_index: int) -> SingleTokenStats:
-        head = _Head(hidden, weight, bias, softcap, compute_dtype(hidden.dtype))
+    def single_stats(self, model: ModelInputs, labels: torch.Tensor, softcap: Optional[float],
+                     ignore_index: int) -> SingleTokenStats:
+        head = _BlockedHead(model, softcap, compute_dtype(model.dtype))
         num_tokens = labels.shape[0]
         acc = _Online(num_tokens, labels.device, head.dtype)
         for vocab_slice, tokens, (block,) in self._blocks(num_tokens, head):
@@ -196,14 +206,15 @@ class TorchEngine:
                                 torch.where(supervised, acc.logprob_target(), zero))
 
     @torch.no_grad()
-    def mixed_backward(self, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
-                       weak_bias, labels, max_strong, logsum_strong, max_mix, logsum_mix,
-                       coef_mix, coef_strong, spec: MixedLossSpec, strong_request: GradRequest,
-                       weak_request: GradRequest) -> tuple[ModelGrads, ModelGrads]:
+    def mixed_backward(self, strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,
+                       lse: LogSumExps, coefficients: TokenCoefficients, spec: MixedLossSpec,
+                       requests: tuple[GradRequest, GradRequest]) -> tuple[ModelGrads, ModelGrads]:
         """Gradients of ``sum_n c_n loss_n``; arguments as in ``wmss_kernels.mixed_ce_backward``."""
-        strong, weak = _heads(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
-                              weak_bias, spec.softcap)
-        lam, softcap = spec.lam, spec.softcap
+        strong, weak = _heads(strong, weak, spec.softcap)
+        strong_request, weak_request = requests
+        max_strong, logsum_strong, max_mix, logsum_mix = lse
+        coef_mix, coef_strong = coefficients
+        lam = spec.lam
         num_tokens = labels.shape[0]
 
         def accumulators(head, request):  # float32 (float64 for float64 inputs)
@@ -240,7 +251,7 @@ class TorchEngine:
         return grads_s, grads_w
 
     @staticmethod
-    def _accumulate(grads: ModelGrads, head: _Head, g: torch.Tensor, w: torch.Tensor,
+    def _accumulate(grads: ModelGrads, head: _BlockedHead, g: torch.Tensor, w: torch.Tensor,
                     tokens: slice, vocab: slice) -> None:
         """Add one block's contribution: dh += g w, dW += g^T h, db += sum g."""
         if grads.hidden is not None:

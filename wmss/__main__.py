@@ -1,0 +1,7 @@
+"""``python -m wmss``: the ``wmss`` command."""
+
+import sys
+
+from .commands import main
+
+sys.exit(main())
