@@ -24,7 +24,7 @@ What it adds to Trainer:
   ``train(resume_from_checkpoint=True)`` resumes from it, setting half-written newer checkpoint
   folders aside (``set_aside_incomplete_checkpoints``) so that the new save does not collide.
 
-TRL: ``WMSSSFTTrainer`` (``from wmss.trainer import WMSSSFTTrainer``; needs ``trl``) is
+TRL: ``WMSSSFTTrainer`` (``wmss.WMSSSFTTrainer``; needs ``trl``) is
 ``trl.SFTTrainer`` with the same behaviour: TRL's dataset preparation and ``SFTConfig``, the pair's
 loss. Plain ``SFTTrainer`` must not be given a pair: it replaces the model's forward with its own
 LM head, which would train the strong model alone (the pair refuses with an error).
@@ -33,6 +33,7 @@ LM head, which would train the strong model alone (the pair refuses with an erro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -496,6 +497,7 @@ class WMSSTrainer(WMSSTrainerMixin, Trainer):
         self._setup_wmss()
 
 
+@functools.lru_cache(maxsize=None)  # one class: isinstance and subclassing must agree
 def _sft_trainer_class():
     """``WMSSSFTTrainer``: TRL's ``SFTTrainer`` (its data preparation, collator and config) training
     a ``WMSSPair`` with the fused WMSS loss."""
