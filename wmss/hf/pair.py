@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from ..loss import LossOptions, TokenStats, fused_loss_with
 from ..loss.engines.contract import ModelInputs
 from .batches import shift_labels as shift
 from ..validation import check_flag
+from .lora import AdapterView, adapter_view, checkpointing_enabled, is_peft_model, save_strong
 from .models import LMHead, RouterAux, backbone_outputs, unwrap
 
 
@@ -78,6 +79,12 @@ _NO_BACKBONE = (
     "installs its own fused LM head; train the pair with wmss.trainer.WMSSSFTTrainer or "
     "wmss.WMSSTrainer instead.")
 
+_NO_CHECKPOINTING_WITH_ADAPTERS = (
+    "activation checkpointing cannot be used with weak_model='adapter:NAME': the two models "
+    "share their layers and switch adapters between their forwards, so a layer recomputed in the "
+    "backward would use the wrong adapter; turn activation checkpointing off, or freeze the weak "
+    "model (train_weak=False, or weak_model='base'), whose forward runs without autograd")
+
 
 class WMSSPair(nn.Module):
     """A strong and a weak causal LM trained together through the fused mixed-logit loss.
@@ -125,8 +132,8 @@ class WMSSPair(nn.Module):
                 if self._config_wants_router_logits(model) and (
                         name == "strong" or options.train_weak):
                     raise ValueError(f"{name} model: {error}") from None
-        if not options.train_weak:
-            weak.requires_grad_(False)
+        if not options.train_weak and not isinstance(weak, AdapterView):
+            weak.requires_grad_(False)  # a view's adapters were set by adapter_view
 
     # The options as attributes (read by the trainer, the pipeline and users).
     lam = property(lambda self: self.loss_options.lam)
@@ -213,7 +220,9 @@ class WMSSPair(nn.Module):
 
         hidden_s, aux_s = run("strong", self.strong)
         frozen = not self.train_weak or not torch.is_grad_enabled()
-        with torch.no_grad() if frozen else contextlib.nullcontext():
+        if not frozen and self._shares_weights and checkpointing_enabled(unwrap(self.strong)):
+            raise ValueError(_NO_CHECKPOINTING_WITH_ADAPTERS)
+        with torch.no_grad() if frozen else contextlib.nullcontext(), self._weak_active():
             hidden_w, aux_w = run("weak", self.weak)
         terms = [aux for aux in (aux_s, aux_w) if aux is not None]
         aux_loss = sum(terms[1:], terms[0]) if terms else None
@@ -249,12 +258,39 @@ class WMSSPair(nn.Module):
                           mixed_fraction=mean(stats.mixed), num_tokens=num_tokens,
                           aux_loss=aux_loss, stats=stats if return_stats else None)
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Save the strong model alone (loadable by ``AutoModelForCausalLM.from_pretrained``)."""
-        unwrap(self.strong).save_pretrained(save_directory, **kwargs)
+    @property
+    def _shares_weights(self) -> bool:
+        """A LoRA pair: the weak model is a view of the strong PEFT model."""
+        return isinstance(self.weak, AdapterView)
+
+    def models_with_weights(self) -> dict[str, nn.Module]:
+        """The models holding weights of their own, by name: both, or for a LoRA pair the strong
+        (PEFT) model alone, which holds the weak adapter too."""
+        if self._shares_weights:
+            return {"strong": self.strong}
+        return {"strong": self.strong, "weak": self.weak}
+
+    def _weak_active(self):
+        return self.weak.active() if self._shares_weights else contextlib.nullcontext()
+
+    def save_pretrained(self, save_directory, *, merged: bool = False, **kwargs) -> None:
+        """Save the strong model alone, loadable by ``AutoModelForCausalLM.from_pretrained``.
+
+        A PEFT strong model is saved as its active adapter (``adapter_config.json`` and the
+        adapter's weights, which ``AutoModelForCausalLM`` and ``PeftModel.from_pretrained`` load
+        onto the base model), or with ``merged=True`` as a full model with the adapter merged into
+        a copy of the base weights (the pair's own weights are left as they are).
+        """
+        check_flag("merged", merged)
+        if is_peft_model(self.strong):
+            save_strong(self.strong, save_directory, merged=merged, **kwargs)
+        else:
+            unwrap(self.strong).save_pretrained(save_directory, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         """Checkpoint the activations of both models (HF Trainer's ``activation_checkpointing``)."""
+        if self._shares_weights and self.train_weak:
+            raise ValueError(_NO_CHECKPOINTING_WITH_ADAPTERS)
         for model in (self.strong, self.weak):
             model = unwrap(model)
             if hasattr(model, "activation_checkpointing_enable"):
@@ -269,19 +305,24 @@ class WMSSPair(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
 
-def apply_wmss(strong_model: nn.Module, weak_model: nn.Module, lam: float = defaults.LAMBDA,
-               train_weak: bool = True, gap_threshold: Optional[float] = None,
-               backend: str = "auto", *, ignore_index: int = defaults.IGNORE_INDEX,
-               use_liger: bool = False) -> WMSSPair:
+def apply_wmss(strong_model: nn.Module, weak_model: Union[nn.Module, str],
+               lam: float = defaults.LAMBDA, train_weak: Optional[bool] = None,
+               gap_threshold: Optional[float] = None, backend: str = "auto", *,
+               ignore_index: int = defaults.IGNORE_INDEX, use_liger: bool = False) -> WMSSPair:
     """Wrap a strong and a weak HF causal LM into a ``WMSSPair`` trained by the fused loss.
 
     Args:
-        strong_model, weak_model: transformers causal LMs (PEFT-wrapped ones too) whose lm head is a
-            plain linear layer, sharing one vocabulary. Gemma's final-logit soft-capping and
-            Cohere/Granite logit scales are applied; any other head transform is detected (by
-            comparing with the model's own logits on a few tokens) and refused with a ValueError.
+        strong_model: a transformers causal LM (PEFT-wrapped ones too) whose lm head is a plain
+            linear layer. Gemma's final-logit soft-capping and Cohere/Granite logit scales are
+            applied; any other head transform is detected (by comparing with the model's own
+            logits on a few tokens) and refused with a ValueError.
+        weak_model: another such model with the same vocabulary; or, when ``strong_model`` is a
+            PEFT model, a LoRA pair on its one base model (see ``wmss.hf.lora``): ``"base"`` (the
+            base with the adapters disabled; frozen) or ``"adapter:NAME"`` (the base with the
+            PEFT model's adapter ``NAME``; trained unless ``train_weak=False``).
         lam: mixing weight of the strong logits.
-        train_weak: False freezes the weak model (``requires_grad_(False)``, run without autograd).
+        train_weak: False freezes the weak model (``requires_grad_(False)``, or the weak adapter
+            alone; run without autograd). None (default): True, but False for ``"base"``.
         gap_threshold: gap masking (see ``wmss.fused_loss``); None mixes every supervised token.
         backend: as for ``wmss.fused_loss``.
         ignore_index: label value that is not supervised.
@@ -291,14 +332,20 @@ def apply_wmss(strong_model: nn.Module, weak_model: nn.Module, lam: float = defa
     Nothing is patched globally; the models are used as they are (the weak model is only frozen
     when ``train_weak`` is False).
     """
+    if train_weak is not None:
+        check_flag("train_weak", train_weak)
+    if isinstance(weak_model, str):
+        weak_model, train_weak = adapter_view(strong_model, weak_model, train_weak)
+    train_weak = True if train_weak is None else train_weak
     options = LossOptions(lam=lam, train_weak=train_weak, gap_threshold=gap_threshold,
                           backend=backend, ignore_index=ignore_index)
     check_flag("use_liger", use_liger)
     if strong_model is weak_model:
         raise ValueError("strong_model and weak_model are the same object; WMSS needs two models "
-                         "(load the weak checkpoint separately)")
+                         "(load the weak checkpoint separately, or name the weak model inside a "
+                         "PEFT strong model: 'base' or 'adapter:NAME')")
     if use_liger:
-        _apply_liger(strong_model, weak_model)
+        _apply_liger(strong_model, *(() if isinstance(weak_model, AdapterView) else (weak_model,)))
     return WMSSPair(strong_model, weak_model, options)
 
 

@@ -51,6 +51,7 @@ from .models import unwrap
 from .pair import WMSSPair
 
 STRONG_DIR, WEAK_DIR = "strong", "weak"
+MEMBER_DIRS = {"strong": STRONG_DIR, "weak": WEAK_DIR}  # a LoRA pair's weak adapter is in strong/
 _LOGGED = ("strong_loss", "weak_loss", "entropy_strong", "entropy_weak", "mixed_fraction")
 AUX_LOGGED = "aux_loss"
 
@@ -459,15 +460,16 @@ class WMSSTrainerMixin:
             return
         pair = self._wmss_pair()
         os.makedirs(output_dir, exist_ok=True)
-        unwrap(pair.strong).save_pretrained(os.path.join(output_dir, STRONG_DIR))
-        unwrap(pair.weak).save_pretrained(os.path.join(output_dir, WEAK_DIR))
+        for name, member in pair.models_with_weights().items():
+            unwrap(member).save_pretrained(os.path.join(output_dir, MEMBER_DIRS[name]))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         pair = unwrap(model) if model is not None else self._wmss_pair()
-        for sub, member in ((STRONG_DIR, pair.strong), (WEAK_DIR, pair.weak)):
+        for name, member in pair.models_with_weights().items():
+            sub = MEMBER_DIRS[name]
             folder = os.path.join(resume_from_checkpoint, sub)
             if not os.path.isdir(folder):
                 raise ValueError(f"{resume_from_checkpoint} is not a WMSSTrainer checkpoint "
