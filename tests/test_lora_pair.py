@@ -232,3 +232,29 @@ def test_activation_checkpointing_is_refused_with_a_trained_weak_adapter_and_wor
     for n, p in model.named_parameters():
         if n in want:
             assert_close(p.grad, want[n], n)
+
+
+def test_trl_trains_a_lora_pair_and_refuses_to_wrap_a_pair_in_peft(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from wmss.recipe.toy import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    records = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(4)]
+    config = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1,
+                           learning_rate=1e-2, report_to="none", use_cpu=True,
+                           save_strategy="no", disable_tqdm=True, bf16=False,
+                           gradient_checkpointing=False)  # TRL's default; refused here (above)
+    base = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, seed=0)
+    model = peft_pair_model(base=base)
+    pair = wmss.apply_wmss(model, "adapter:weak")
+    data = datasets.Dataset.from_list(records)
+    with pytest.raises(ValueError, match="peft_config: WMSSSFTTrainer does not wrap the pair"):
+        wmss.WMSSSFTTrainer(model=pair, args=config, train_dataset=data,
+                            processing_class=tokenizer, peft_config=lora())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wmss.WMSSSFTTrainer(model=pair, args=config, train_dataset=data,
+                        processing_class=tokenizer).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".default." in n for n in changed) and any(".weak." in n for n in changed)
+    assert all("lora_" in n for n in changed)

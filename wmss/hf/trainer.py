@@ -519,6 +519,14 @@ def _sft_trainer_class():
             if not isinstance(unwrap(model), WMSSPair):
                 raise TypeError(f"WMSSSFTTrainer trains a WMSSPair (wmss.apply_wmss), got "
                                 f"{type(model).__name__}")
+            if kwargs.get("peft_config") is not None:
+                # TRL would wrap the whole pair: both models would get adapters of one config.
+                raise ValueError(
+                    "peft_config: WMSSSFTTrainer does not wrap the pair with PEFT (it would put "
+                    "adapters on both models); wrap the strong model with peft.get_peft_model "
+                    "first and build the pair from it: wmss.apply_wmss(peft_model, 'base') or "
+                    "wmss.apply_wmss(peft_model, 'adapter:NAME') for a LoRA pair on one base "
+                    "model, or apply_wmss(peft_model, weak_model) for two models")
             super().__init__(model, *trainer_args, **kwargs)
             vars(unwrap(self.model)).pop("forward", None)  # undo TRL's instance-level patch
             self._setup_wmss()
