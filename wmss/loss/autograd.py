@@ -1,9 +1,16 @@
-"""``MixedCrossEntropy``: the autograd Function around a fused engine's forward and backward.
+"""A fused engine's forward and backward as one differentiable operation: two custom ops.
 
-The Function returns the per-token loss (differentiable) and the per-token statistics (not
-differentiable). Reductions happen outside, in plain PyTorch, so the backward receives each
-token's upstream gradient ``c_n`` and asks the engine for the gradients of ``sum_n c_n loss_n``,
-computing only those that ``ctx.needs_input_grad`` asks for.
+``wmss::mixed_forward`` runs the engine's ``mixed_forward`` and returns the per-token loss
+(differentiable) and statistics (not differentiable); its autograd formula calls
+``wmss::mixed_backward``, which asks the engine for the gradients of ``sum_n c_n loss_n``, computing
+only those that ``ctx.needs_input_grad`` asks for. Reductions happen outside, in plain PyTorch, so
+the backward receives each token's upstream gradient ``c_n``.
+
+Why custom ops, not a plain ``torch.autograd.Function``: ``torch.compile`` treats a custom op as
+one opaque call with the output shapes of its fake implementation (``register_fake``), so a
+compiled step (``fullgraph=True`` included) neither traces into the engines' block loops nor
+breaks the graph at them. The ops take tensors and plain scalars; the engine is named by its
+``key`` (its class and attributes, which ``engine_from_key`` turns back into the engine).
 
 The engines' backward is itself a fused computation, not a graph of differentiable operations:
 a backward with ``create_graph=True`` (double backward) is refused, not answered with gradients
@@ -11,6 +18,12 @@ that autograd would treat as constants (which would silently drop every second-o
 """
 
 from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import typing
+from typing import Optional
 
 import torch
 
@@ -22,6 +35,7 @@ from .engines.contract import (
     MixedTokenStats,
     ModelInputs,
     TokenCoefficients,
+    compute_dtype,
 )
 
 DOUBLE_BACKWARD_ERROR = (
@@ -30,73 +44,164 @@ DOUBLE_BACKWARD_ERROR = (
     "from fused kernels that have no derivative of their own. Use backend='reference' (it "
     "materialises the [tokens, vocab] logits), which autograd differentiates to any order.")
 
-# Positions of the tensors in MixedCrossEntropy.forward's arguments (after ctx).
-_STRONG, _WEAK = slice(0, 3), slice(3, 6)
-_NUM_ARGUMENTS = 9
+Tensor = torch.Tensor
+KEY_SEPARATOR = "|"
 
 
-def _cast(grad, like):
-    return None if grad is None else grad.to(like.dtype)
+def engine_from_key(key: str) -> FusedEngine:
+    """The engine ``FusedEngineBase.key`` names: its class, with its attributes restored."""
+    return _engine_from_key(key)
 
 
-class MixedCrossEntropy(torch.autograd.Function):
-    """Arguments: the strong and the weak model's ``ModelInputs`` as six tensors (autograd tracks
-    each), labels ``[N]``, the ``MixedLossSpec`` and the ``FusedEngine``."""
+@functools.lru_cache(maxsize=None)  # engines hold configuration only: one per key
+def _engine_from_key(key: str) -> FusedEngine:
+    module, qualname, state = key.split(KEY_SEPARATOR, 2)
+    cls = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    engine = cls.__new__(cls)
+    vars(engine).update(ast.literal_eval(state))
+    return engine
 
-    @staticmethod
-    def forward(ctx, strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
-                weak_bias, labels, spec: MixedLossSpec, engine: FusedEngine):
-        engine = engine.pinned()  # the backward runs with the configuration the forward saw
-        strong = ModelInputs(strong_hidden, strong_weight, strong_bias)
-        weak = ModelInputs(weak_hidden, weak_weight, weak_bias)
-        stats = engine.mixed_forward(strong, weak, labels, spec)
-        ctx.save_for_backward(*strong, *weak, labels, *stats.log_sum_exps, stats.mixed)
-        ctx.spec, ctx.engine, ctx.device_type = spec, engine, labels.device.type
-        ctx.mark_non_differentiable(*stats[1:])
-        return tuple(stats)
 
-    @staticmethod
-    def backward(ctx, grad_loss, *unused_stat_grads):
-        # Autograd enables grad mode in a backward exactly when it runs with create_graph=True.
-        if torch.is_grad_enabled():
-            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-        # A backward called inside torch.autocast runs under it too: the engines' products must
-        # see the dtypes their forward saw, not autocast's.
-        with torch.autocast(ctx.device_type, enabled=False):
-            return MixedCrossEntropy._gradients(ctx, grad_loss)
+def _spec(lam, softcap, gap_threshold, ignore_index) -> MixedLossSpec:
+    return MixedLossSpec(lam=lam, softcap=softcap, gap_threshold=gap_threshold,
+                         ignore_index=ignore_index)
 
-    @staticmethod
-    def _gradients(ctx, grad_loss):
-        saved = ctx.saved_tensors
-        strong, weak = ModelInputs(*saved[_STRONG]), ModelInputs(*saved[_WEAK])
-        labels, lse, mixed = saved[6], LogSumExps(*saved[7:11]), saved[11]
-        spec: MixedLossSpec = ctx.spec
-        needs = ctx.needs_input_grad
-        requests = GradRequest(*needs[_STRONG]), GradRequest(*needs[_WEAK])
-        if grad_loss is None or not (requests[0].any or requests[1].any):
-            return (None,) * _NUM_ARGUMENTS
 
-        supervised = labels != spec.ignore_index
-        # In the dtype of the saved statistics: float32, or float64 for float64 inputs.
-        upstream = torch.where(supervised, grad_loss.to(lse.max_mix.dtype), 0.0)
-        coefficients = TokenCoefficients(
-            mix=torch.where(mixed, upstream, 0.0),
-            strong=None if spec.gap_threshold is None else torch.where(mixed, 0.0, upstream))
-        grads = ctx.engine.mixed_backward(strong, weak, labels, lse, coefficients, spec, requests)
-        casts = [_cast(grad, like) for model_grads, inputs in zip(grads, (strong, weak))
-                 for grad, like in zip(model_grads, inputs)]
-        return (*casts, None, None, None)
+def _mixed_forward(strong_hidden: Tensor, strong_weight: Tensor, strong_bias: Optional[Tensor],
+                   weak_hidden: Tensor, weak_weight: Tensor, weak_bias: Optional[Tensor],
+                   labels: Tensor, lam: float, softcap: Optional[float],
+                   gap_threshold: Optional[float], ignore_index: int, engine: str):
+    stats = engine_from_key(engine).mixed_forward(
+        ModelInputs(strong_hidden, strong_weight, strong_bias),
+        ModelInputs(weak_hidden, weak_weight, weak_bias), labels,
+        _spec(lam, softcap, gap_threshold, ignore_index))
+    return _unaliased(stats)
+
+
+def _unaliased(tensors) -> tuple:
+    """``tensors`` with each one that shares storage with an earlier one copied: an op's outputs
+    may not alias each other (the Triton launcher returns its per-token outputs as rows of one
+    tensor: O(N) copies)."""
+    seen, result = set(), []
+    for t in tensors:
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return tuple(result)
+
+
+_mixed_forward.__annotations__["return"] = typing.Tuple[(Tensor,) * len(MixedTokenStats._fields)]
+mixed_forward_op = torch.library.custom_op("wmss::mixed_forward", _mixed_forward,
+                                           mutates_args=())
+
+
+@mixed_forward_op.register_fake
+def _mixed_forward_fake(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
+                        weak_bias, labels, lam, softcap, gap_threshold, ignore_index, engine):
+    dtype = compute_dtype(strong_hidden.dtype, weak_hidden.dtype)
+    per_token = [labels.new_empty(labels.shape, dtype=dtype)
+                 for _ in range(len(MixedTokenStats._fields) - 1)]
+    return (*per_token, labels.new_empty(labels.shape, dtype=torch.bool))
+
+
+def _mixed_backward(strong_hidden: Tensor, strong_weight: Tensor, strong_bias: Optional[Tensor],
+                    weak_hidden: Tensor, weak_weight: Tensor, weak_bias: Optional[Tensor],
+                    labels: Tensor, max_strong: Tensor, logsum_strong: Tensor, max_mix: Tensor,
+                    logsum_mix: Tensor, coef_mix: Tensor, coef_strong: Optional[Tensor],
+                    lam: float, softcap: Optional[float], gap_threshold: Optional[float],
+                    ignore_index: int, engine: str, requests: list[bool]):
+    """The gradients, each in its input's dtype; an empty tensor where not requested (an op
+    returns tensors, never None)."""
+    strong = ModelInputs(strong_hidden, strong_weight, strong_bias)
+    weak = ModelInputs(weak_hidden, weak_weight, weak_bias)
+    grads = engine_from_key(engine).mixed_backward(
+        strong, weak, labels, LogSumExps(max_strong, logsum_strong, max_mix, logsum_mix),
+        TokenCoefficients(coef_mix, coef_strong), _spec(lam, softcap, gap_threshold, ignore_index),
+        (GradRequest(*requests[:3]), GradRequest(*requests[3:])))
+    return _unaliased(labels.new_empty(0, dtype=like.dtype) if grad is None else grad.to(like.dtype)
+                      for model_grads, inputs in zip(grads, (strong, weak))
+                      for grad, like in zip(model_grads, _inputs_or_labels(inputs, labels)))
+
+
+def _inputs_or_labels(inputs: ModelInputs, labels: Tensor):
+    """Each input, or for a missing bias ``labels`` (only its dtype is read: no gradient)."""
+    return tuple(labels if t is None else t for t in inputs)
+
+
+_mixed_backward.__annotations__["return"] = typing.Tuple[(Tensor,) * 6]
+mixed_backward_op = torch.library.custom_op("wmss::mixed_backward", _mixed_backward,
+                                            mutates_args=())
+
+
+@mixed_backward_op.register_fake
+def _mixed_backward_fake(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight,
+                         weak_bias, labels, *rest):
+    requests = rest[-1]
+    inputs = (strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias)
+    return tuple(torch.empty_like(t) if wanted else labels.new_empty(
+        0, dtype=labels.dtype if t is None else t.dtype) for t, wanted in zip(inputs, requests))
+
+
+def _setup_context(ctx, inputs, output):
+    tensors, (lam, softcap, gap_threshold, ignore_index, engine) = inputs[:7], inputs[7:]
+    stats = MixedTokenStats(*output)
+    ctx.save_for_backward(*tensors, *stats.log_sum_exps, stats.mixed)
+    ctx.options = (lam, softcap, gap_threshold, ignore_index, engine)
+    ctx.device_type = tensors[6].device.type
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *unused_stat_grads):
+    # Autograd enables grad mode in a backward exactly when it runs with create_graph=True.
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+    no_gradients = (None,) * (7 + len(ctx.options))
+    requests = [bool(needed) for needed in ctx.needs_input_grad[:6]]
+    if grad_loss is None or not any(requests):
+        return no_gradients
+    *inputs, labels, max_strong, logsum_strong, max_mix, logsum_mix, mixed = ctx.saved_tensors
+    lam, softcap, gap_threshold, ignore_index, engine = ctx.options
+    supervised = labels != ignore_index
+    # In the dtype of the saved statistics: float32, or float64 for float64 inputs.
+    upstream = torch.where(supervised, grad_loss.to(max_mix.dtype), 0.0)
+    coef_mix = torch.where(mixed, upstream, 0.0)
+    coef_strong = None if gap_threshold is None else torch.where(mixed, 0.0, upstream)
+    # A backward called inside torch.autocast runs under it too: the engines' products must see
+    # the dtypes their forward saw, not autocast's.
+    with torch.autocast(ctx.device_type, enabled=False):
+        grads = mixed_backward_op(*inputs, labels, max_strong, logsum_strong, max_mix, logsum_mix,
+                                  coef_mix, coef_strong, lam, softcap, gap_threshold,
+                                  ignore_index, engine, requests)
+    return (*(grad if wanted else None for grad, wanted in zip(grads, requests)),
+            *no_gradients[6:])
+
+
+mixed_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mixed_cross_entropy(engine: FusedEngine, strong: ModelInputs, weak: ModelInputs,
                         labels: torch.Tensor, spec: MixedLossSpec) -> MixedTokenStats:
-    """Apply ``MixedCrossEntropy``; returns ``MixedTokenStats`` whose ``loss`` is differentiable."""
-    return MixedTokenStats(*MixedCrossEntropy.apply(*strong, *weak, labels, spec, engine))
+    """The fused loss of ``engine``: ``MixedTokenStats`` whose ``loss`` is differentiable."""
+    return MixedTokenStats(*mixed_forward_op(
+        *strong, *weak, labels, spec.lam, spec.softcap, spec.gap_threshold, spec.ignore_index,
+        engine.pinned().key))  # the backward runs with the configuration the forward saw
 
 
 class FusedEngineBase:
     """Gives a fused engine (``mixed_forward``, ``mixed_backward``, ``pinned``) the differentiable
-    ``mixed_loss`` of the ``Engine`` contract, through ``MixedCrossEntropy``."""
+    ``mixed_loss`` of the ``Engine`` contract, through the ops above, and its ``key``."""
+
+    @property
+    def key(self) -> str:
+        """The engine as a string the ops carry: its class and its attributes (plain Python
+        values: an engine's state is its configuration), read back by ``engine_from_key``."""
+        cls = type(self)
+        state = {name: value for name, value in sorted(vars(self).items())}
+        return KEY_SEPARATOR.join((cls.__module__, cls.__qualname__, repr(state)))
 
     def mixed_loss(self, strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,
                    spec: MixedLossSpec) -> MixedTokenStats:

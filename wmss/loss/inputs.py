@@ -24,6 +24,10 @@ from .engines.contract import FLOAT_DTYPES, ModelInputs
 # variable to 1 to skip both (out-of-range labels then give undefined losses, and a device
 # ``num_items_in_batch`` is divided by as given).
 SKIP_LABEL_CHECK_ENV = "WMSS_SKIP_LABEL_CHECK"
+COMPILED_CHECK_MESSAGE = (
+    "wmss.fused_loss (compiled): labels must lie in [0, V) or equal ignore_index, and "
+    "num_items_in_batch must be a count >= 0 that is 0 only when nothing is supervised; run "
+    "the step uncompiled for the argument and the values at fault")
 
 
 NUM_ITEMS_MEANING = "the count of supervised tokens that reduction='mean' divides by"
@@ -76,8 +80,9 @@ def check_num_items(num_items_in_batch, reduction: str):
 
 
 def readable_without_sync(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values on the host costs no device synchronisation."""
-    return t.device.type == "cpu"
+    """Whether ``t``'s values can be read on the host now: on the CPU and not while
+    ``torch.compile`` traces (a value read there would be a data-dependent branch)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def count_is_invalid(count: torch.Tensor) -> torch.Tensor:
@@ -195,6 +200,11 @@ def check_labels(labels, leading_shape: torch.Size, vocab: int, ignore_index: in
         problems.append(zero_count & (labels != ignore_index).any())
     elif num_items == 0:
         problems.append((labels != ignore_index).any())
+    if torch.compiler.is_compiling():
+        # No host branch on values in a compiled graph: the same checks as one device-side assert
+        # (it raises a RuntimeError when the step runs).
+        torch._assert_async(~torch.stack(problems).any(), COMPILED_CHECK_MESSAGE)
+        return labels
     if (labels.numel() or deferred_count) and bool(torch.stack(problems).any()):  # the one sync
         if bool(problems[0]):
             bad = labels[out_of_range][:5].tolist()
