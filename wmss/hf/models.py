@@ -42,6 +42,29 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` itself, or as FSDP2's ``fully_shard`` leaves it: the class
+    ``FSDPLinear(FSDPModule, Linear)``, which shards the parameters and adds nothing to the
+    computation."""
+    cls = type(module)
+    if cls is nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without distributed
+        return False
+    return issubclass(cls, FSDPModule) and [b for b in cls.__bases__ if b is not FSDPModule] == [
+        nn.Linear]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
 @dataclass
 class LMHead:
     """A causal LM's output layer: ``logits = softcap(scale * (h @ weight^T + bias))``."""
@@ -60,9 +83,15 @@ class LMHead:
             raise ValueError(f"{name} is not a Hugging Face causal LM (no get_output_embeddings / "
                              "base_model)")
         head = model.get_output_embeddings()
-        if type(head) is not nn.Linear:  # a subclass or wrapper (e.g. LoRA on the head) may add terms
+        if not _is_plain_linear(head):  # a subclass or wrapper (e.g. LoRA on the head) may add terms
             raise ValueError(f"{name}'s output layer is {type(head).__name__}, not a plain "
                              "torch.nn.Linear; wmss supports plain linear lm heads")
+        if _is_dtensor(head.weight):
+            raise ValueError(
+                f"{name}'s lm-head weight is sharded (a DTensor) where the loss reads it: its FSDP "
+                "unit is not gathered in the pair's forward. Shard the lm head in a unit that "
+                "holds a module the backbone runs (accelerate's FSDP2 puts it with the final "
+                "norm), or in the root unit (fully_shard the pair, not the head alone)")
         if backbone(model) is model:
             raise ValueError(f"{name} has no separate backbone (base_model is the model itself)")
         config = getattr(model, "config", None)
