@@ -73,3 +73,92 @@ def truth(inputs: dict, labels: torch.Tensor, *, lam: float = 0.5, softcap: Opti
 
     return Truth(loss.detach(), masked(ent_s), masked(ent_w), masked(tok_s), masked(tok_w),
                  masked(tok_m), mixed, {k: v.grad for k, v in x.items()})
+
+
+@dataclass
+class LogitTruth:
+    """Float64 per-token logit statistics of one model (flat ``[N]``), the fields of
+    ``wmss.LogitStats``; ``rank`` int64. ``logits`` and ``targets`` are kept for ``rank_range``."""
+
+    target_logit: torch.Tensor
+    mean_logit: torch.Tensor
+    mean_nontarget_logit: torch.Tensor
+    max_nontarget_logit: torch.Tensor
+    margin: torch.Tensor
+    rank: torch.Tensor
+    entropy: torch.Tensor
+    logprob: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor  # [N] label column, -1 where there is none
+
+    def rank_range(self, slack: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, high)``: the ranks if every non-target logit within ``slack`` (a number, or one
+        per token) of the target's counted as below it, and as above it (what a computation whose
+        logits carry an error up to ``slack / 2`` may return)."""
+        z, y = self.logits, self.targets
+        slack = torch.as_tensor(slack, dtype=torch.float64).reshape(-1, 1)
+        has = y >= 0
+        z_y = z.gather(1, y.clamp_min(0)[:, None])
+        other = torch.ones_like(z, dtype=torch.bool).scatter_(1, y.clamp_min(0)[:, None],
+                                                               ~has[:, None])
+        low = ((z > z_y + slack) & other).sum(1)
+        high = ((z >= z_y - slack) & other).sum(1)
+        keep = has & (other.sum(1) > 0)
+        return torch.where(keep, low, 0), torch.where(keep, high, 0)
+
+
+def logit_truth(hidden, weight, labels=None, *, bias=None, softcap: Optional[float] = None,
+                ignore_index: int = -100) -> LogitTruth:
+    """The statistics of ``wmss.logit_stats`` in float64, from the full logits.
+
+    Per token with logits ``z`` (``V`` of them) and target ``y``: ``z[y]``, the mean of ``z``,
+    the mean and max of ``z`` without the column ``y``, the margin ``z[y] - max``, the count of
+    other columns with ``z_v > z[y]``, the entropy and ``log softmax(z)[y]``. Ignored positions:
+    0 everywhere. No labels: no target (target fields 0, every column non-target). ``V = 1``
+    with a target: no non-target column (those fields 0).
+    """
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    z = _logits(h, weight.detach().double(), None if bias is None else bias.detach().double(),
+                softcap)
+    n, vocab = z.shape
+    if labels is None:
+        scored = torch.ones(n, dtype=torch.bool)
+        y = torch.full((n,), -1, dtype=torch.long)
+    else:
+        flat = labels.reshape(-1).long().cpu()
+        scored = flat != ignore_index
+        y = torch.where(scored, flat, -1)
+    z = z.cpu()
+    has = y >= 0
+    logp = torch.log_softmax(z, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64)
+    targets, target_logp, others_mean, others_max, above = [], [], [], [], []
+    for i in range(n):  # row by row: plain, and independent of the library's vectorised masks
+        row = z[i]
+        if has[i]:
+            others = torch.cat([row[:y[i]], row[y[i] + 1:]])
+            targets.append(row[y[i]])
+            target_logp.append(logp[i, y[i]])
+        else:
+            others = row
+            targets.append(zero)
+            target_logp.append(zero)
+        others_mean.append(others.mean() if len(others) else zero)
+        others_max.append(others.max() if len(others) else zero)
+        above.append(int((others > row[y[i]]).sum()) if has[i] and len(others) else 0)
+    target = torch.stack(targets)
+    mean_nt, max_nt = torch.stack(others_mean), torch.stack(others_max)
+    with_others = scored & ((vocab - has.long()) > 0)
+    both = has & with_others
+
+    def where(mask, x):
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype))
+
+    return LogitTruth(
+        target_logit=where(has, target), mean_logit=where(scored, z.mean(1)),
+        mean_nontarget_logit=where(with_others, mean_nt),
+        max_nontarget_logit=where(with_others, max_nt),
+        margin=where(both, target - max_nt), rank=where(both, torch.tensor(above)),
+        entropy=where(scored, entropy), logprob=where(has, torch.stack(target_logp)),
+        logits=z, targets=y)

@@ -482,3 +482,38 @@ def test_a_kept_demo_directory_refuses_another_demo_before_rewriting_its_data(tm
         run_demo(str(tmp_path), DemoSettings(train_size=50, **small), log=lambda line: None)
     assert (tmp_path / "train.jsonl").read_text() == data
     assert cli.main(["demo", "--output-dir", str(tmp_path), "--train-size", "50"]) == 1
+
+
+def test_every_model_produced_has_its_logit_statistics_recorded(recorded_round):
+    """The SFT model and the round's strong model: the means of wmss.logit_stats over the data
+    set in their stage reports, equal to inspecting the saved models, and round by round in the
+    run's report."""
+    from wmss.recipe.inspect import STATISTICS, inspect_models
+
+    settings, report, _ = recorded_round
+    out = settings.output_dir
+    dataset = _encoded(settings.data, os.path.join(out, "sft", "model"))
+    produced = report["logit_stats"]
+    assert [entry["stage"] for entry in produced] == ["sft", "round-1/train"]
+    assert [entry["model"] for entry in produced] == [os.path.join(out, "sft", "model"),
+                                                      os.path.join(out, "round-1", "model")]
+    for entry in produced:
+        stage = json.loads(open(os.path.join(out, entry["stage"], "report.json")).read())
+        recorded = stage["logit_stats"]
+        assert {k: v for k, v in entry.items() if k not in ("stage", "model")} == recorded
+        fresh = inspect_models(AutoModelForCausalLM.from_pretrained(entry["model"]), dataset,
+                               backend="torch")
+        assert recorded["supervised_tokens"] == fresh["supervised_tokens"] > 0
+        for name in STATISTICS:
+            assert recorded[name] == pytest.approx(fresh["means"]["strong"][name], rel=1e-4,
+                                                   abs=1e-5), (entry["stage"], name)
+    # Training moved the statistics: the round's model is not the SFT model.
+    assert produced[0]["mean_nontarget_logit"] != produced[1]["mean_nontarget_logit"]
+
+
+def test_a_rerun_of_a_finished_run_reports_the_same_statistics(recorded_round):
+    settings, report, _ = recorded_round
+    logged = []
+    again = Pipeline(settings, log=logged.append, verbose=False).run()
+    assert "[wmss] round-1/train: done earlier, skipped" in logged
+    assert again["logit_stats"] == report["logit_stats"]

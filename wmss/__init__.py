@@ -2,7 +2,9 @@
 
 * ``wmss.fused_loss``: the mixed-logit cross-entropy from hidden states and lm-head weights,
   without materialising ``[tokens, vocab]`` logits, with per-token statistics in the same pass.
-* ``wmss.token_entropy``: per-token entropies of one model, likewise fused.
+* ``wmss.token_entropy``: per-token entropies of one model, likewise fused;
+  ``wmss.logit_stats``: per-token logit statistics (target, non-target mean and max, margin,
+  rank, entropy, log-prob), likewise fused.
 * ``wmss.selection``: WD-DS, the entropy-discrepancy selection of the active training set.
 * ``wmss.apply_wmss``: the fused loss for any Hugging Face causal LM pair; ``wmss.WMSSTrainer``
   trains the pair with ``transformers.Trainer``; ``wmss.pipeline`` runs the whole recipe.
@@ -24,7 +26,8 @@ import importlib.abc
 import importlib.util
 import sys
 
-from .loss import FusedWMSSLoss, LossOptions, TokenStats, fused_loss, token_entropy
+from .loss import (FusedWMSSLoss, LogitStats, LossOptions, TokenStats, fused_loss, logit_stats,
+                   token_entropy)
 
 __version__ = "0.1.0"
 
@@ -46,8 +49,8 @@ _MODULE_ALIASES = {
     "wmss.pair": "wmss.hf.pair",
 }
 
-__all__ = ["FusedWMSSLoss", "LossOptions", "TokenStats", "__version__", "fused_loss",
-           "token_entropy", *_LAZY]
+__all__ = ["FusedWMSSLoss", "LogitStats", "LossOptions", "TokenStats", "__version__",
+           "fused_loss", "logit_stats", "token_entropy", *_LAZY]
 
 
 def __getattr__(name):

@@ -16,12 +16,12 @@ with a ``tl.dot``, bf16, on sm_90) does not use wgmma.
 How the configurations are found, without hard-coding any kernel signature:
 
 1. **Record.** The real launchers (``mixed_token_stats``, ``single_token_stats``,
-   ``mixed_ce_backward``) run on small CPU tensors of each variant inside
-   ``config.compile_target(arch)`` (tiles, warps and splits are planned as on that GPU) while
-   ``JITFunction.run`` is replaced by a recorder: each ``kernel[grid](...)`` launch is turned into
-   the signature, constexprs and attributes (16-byte alignment, Triton's ``== 1`` integer
-   specialization) a real launch of the same arguments would compile, through Triton's own
-   binder. The cuBLAS products between launches are skipped (their results are never read).
+   ``mixed_ce_backward``, ``logit_stats.logit_token_stats``) run on small CPU tensors of each
+   variant inside ``config.compile_target(arch)`` (tiles, warps and splits are planned as on that
+   GPU) while ``JITFunction.run`` is replaced by a recorder: each ``kernel[grid](...)`` launch is
+   turned into the signature, constexprs and attributes (16-byte alignment, Triton's ``== 1``
+   integer specialization) a real launch of the same arguments would compile, through Triton's
+   own binder. The cuBLAS products between launches are skipped (their results are never read).
 2. **Deduplicate** launches by (kernel, signature, constexprs, attributes, options).
 3. **Compile** each unique build in a process pool (``triton.compile`` of an ``ASTSource`` for
    ``GPUTarget("cuda", arch, 32)``), reading shared memory from the kernel's metadata, registers
@@ -407,9 +407,11 @@ def _inputs(dtype: torch.dtype) -> _Inputs:
 
 def drive(variant: Variant, tiles: Optional[config.Tiles] = None) -> None:
     """Call the launchers as the model code does for ``variant`` (CPU tensors): the forward,
-    and for two models the backward (its forward statistics are garbage: no kernel runs).
+    and for two models the backward (its forward statistics are garbage: no kernel runs); for
+    one model with the ``"triton"`` source also ``logit_stats`` (with and without labels).
     ``tiles``: the launchers' override."""
     from . import mixed_ce_backward, mixed_token_stats, single_token_stats
+    from .logit_stats import logit_token_stats
 
     inputs = _inputs(DTYPES[variant.dtype])
     strong, weak = (model if variant.bias else model._replace(bias=None)
@@ -421,6 +423,10 @@ def drive(variant: Variant, tiles: Optional[config.Tiles] = None) -> None:
         if not variant.two_models:
             single_token_stats(strong, inputs.labels, softcap=spec.softcap,
                                ignore_index=IGNORE_INDEX, **options)
+            if variant.source == "triton":  # logit_stats computes its tiles whatever the source
+                for labels in (inputs.labels, None):  # with targets, and every position scored
+                    logit_token_stats(strong, labels, softcap=spec.softcap,
+                                      ignore_index=IGNORE_INDEX, tiles=tiles)
             return
         stats = mixed_token_stats(strong, weak, inputs.labels, spec, **options)
         trained = GradRequest(True, True, variant.bias)

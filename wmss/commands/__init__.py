@@ -1,4 +1,4 @@
-"""The ``wmss`` command: ``wmss demo | select | train | bench`` (each with ``--help``).
+"""The ``wmss`` command: ``wmss demo | select | train | inspect | bench`` (each with ``--help``).
 
 ``main`` is the entry point (``wmss`` and ``python -m wmss``). Each subcommand lives in
 ``wmss/commands/<name>.py`` and provides ``add_arguments(parser)`` and ``run(args) -> int``;
@@ -17,6 +17,8 @@ COMMANDS = {
     "demo": "WMSS vs SFT on a built-in arithmetic task and tiny model (CPU, minutes, no downloads)",
     "train": "run the WMSS recipe on a JSONL data set: SFT warm-up, selection, joint training",
     "select": "WD-DS: score a JSONL data set with a strong and a weak model and draw the active set",
+    "inspect": "means of the per-token logit statistics (wmss.logit_stats) of a model over a "
+               "data set, with --weak of the pair and its mixture",
     "bench": "speed and peak memory of the fused loss and token_entropy vs every alternative",
 }
 

@@ -3,7 +3,8 @@
 Read top-down:
 
 * ``fused.py``: ``fused_loss`` and ``FusedWMSSLoss``, the public entry points;
-  ``entropy.py``: ``token_entropy``; ``stats.py``: ``TokenStats``, what ``return_stats`` gives.
+  ``entropy.py``: ``token_entropy``; ``logit_stats.py``: ``logit_stats`` and ``LogitStats``,
+  per-token logit statistics; ``stats.py``: ``TokenStats``, what ``return_stats`` gives.
 * ``options.py``: ``LossOptions``, the options the three entry points (with ``apply_wmss``) share,
   checked once; ``inputs.py``: the checks and preparation of the tensors.
 * ``engines/``: the engine contract (``contract.py``) and its implementations: ``torch_engine``,
@@ -13,8 +14,9 @@ Read top-down:
 
 from .entropy import token_entropy
 from .fused import FusedWMSSLoss, fused_loss, fused_loss_with
+from .logit_stats import LogitStats, logit_stats
 from .options import LossOptions
 from .stats import TokenStats
 
-__all__ = ["FusedWMSSLoss", "LossOptions", "TokenStats", "fused_loss", "fused_loss_with",
-           "token_entropy"]
+__all__ = ["FusedWMSSLoss", "LogitStats", "LossOptions", "TokenStats", "fused_loss",
+           "fused_loss_with", "logit_stats", "token_entropy"]

@@ -6,7 +6,8 @@
         WD-JT: train the pair on the active set -> M_{t+1}     round-t/train/ (checkpoints)
                                                                round-t/model/ (the new strong)
 
-Each stage writes ``report.json`` (settings, results, timings) when it finishes; a rerun of the
+Each stage writes ``report.json`` (settings, results, timings and, for the stages that produce
+a model, the means of its ``wmss.logit_stats`` over the data set) when it finishes; a rerun of the
 same configuration skips finished stages and resumes an interrupted training stage from its last
 complete Trainer checkpoint (a checkpoint half written when the run was killed, or when the disk
 filled up, is never resumed from). ``run.json`` at the top holds the configuration and the SHA-256
@@ -44,6 +45,8 @@ from ..loss.options import check_gap_threshold, check_lam
 from ..validation import check_choice, check_flag, check_int
 
 RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
+# Key of the report entries holding the means of wmss.logit_stats of each model a stage produced.
+LOGIT_STATS_KEY = "logit_stats"
 DTYPES = ("float32", "bfloat16", "float16")
 # TrainingArguments the pipeline sets from its own settings (so extra_training_args may not).
 PIPELINE_TRAINING_ARGS = {
@@ -371,6 +374,17 @@ class Pipeline:
         shutil.rmtree(os.path.join(stage_dir, CHECKPOINTS_DIR), ignore_errors=True)
         return report
 
+    def _logit_stats(self, model) -> dict:
+        """The means of ``wmss.logit_stats`` of a model this run produced (the SFT model, each
+        round's strong model) over the whole data set's supervised tokens, for its stage report
+        (``wmss.recipe.inspect.inspect_models``; no ``[tokens, vocab]`` logits)."""
+        from .inspect import inspect_models
+
+        c = self.config
+        result = inspect_models(model, self.dataset, batch_size=c.selection_batch_size,
+                                pad_token_id=pad_token_id(self.tokenizer), backend=c.backend)
+        return {"supervised_tokens": result["supervised_tokens"], **result["means"]["strong"]}
+
     # ---- stages ------------------------------------------------------------------------------
 
     def _sft(self, stage_dir: str, base: str) -> dict:
@@ -385,7 +399,7 @@ class Pipeline:
         _save_model_atomically(model, self.tokenizer, os.path.join(stage_dir, "model"))
         return {"model": os.path.join(stage_dir, "model"), "base": base,
                 "train_loss": result.training_loss, "steps": result.global_step,
-                "log": trainer.state.log_history}
+                LOGIT_STATS_KEY: self._logit_stats(model), "log": trainer.state.log_history}
 
     def _select(self, stage_dir: str, weak: str, strong: str) -> dict:
         """WD-DS, the same flow and files as ``wmss select`` (scores, active set, summary)."""
@@ -425,7 +439,7 @@ class Pipeline:
         _save_model_atomically(pair, self.tokenizer, model_dir)
         return {"weak": weak, "strong": strong, "model": model_dir,
                 "train_loss": result.training_loss, "steps": result.global_step,
-                "log": trainer.state.log_history}
+                LOGIT_STATS_KEY: self._logit_stats(pair.strong), "log": trainer.state.log_history}
 
     def run(self) -> dict:
         """Every stage not finished yet, holding the output directory's lock throughout."""
@@ -453,7 +467,11 @@ class Pipeline:
                                   lambda d: self._joint_train(d, weak, strong, active))
             stages += [selection, trained]
             weak, strong = strong, trained["model"]
-        report = {"config": c.fingerprint(), "final_model": strong,
+        # Round by round, the statistics of each model produced (stages finished by an older
+        # wmss have none).
+        produced = [{"stage": s["stage"], "model": s["model"], **s[LOGIT_STATS_KEY]}
+                    for s in stages if LOGIT_STATS_KEY in s]
+        report = {"config": c.fingerprint(), "final_model": strong, LOGIT_STATS_KEY: produced,
                   "stages": [{k: v for k, v in s.items() if k != "log"} for s in stages]}
         atomic_write_json(os.path.join(self.root, REPORT_FILE), report, indent=2)
         self.log(f"[wmss] done: final strong model in {strong}")

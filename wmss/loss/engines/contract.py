@@ -115,6 +115,39 @@ class SingleTokenStats(NamedTuple):
     logprob: torch.Tensor
 
 
+class LogitTokenStats(NamedTuple):
+    """Per-token logit statistics of one model (``logit_stats``): ``[N]`` tensors in the compute
+    dtype (float32, or float64 on the torch and reference engines for float64 inputs), ``rank``
+    int64.
+
+    With ``z`` the token's logits over the ``V`` vocabulary entries and ``y`` its label:
+
+    * ``target_logit = z[y]``; ``logprob = z[y] - lse(z)``; ``entropy`` of ``softmax(z)``;
+    * ``mean_logit = sum_v z_v / V``;
+    * ``mean_nontarget_logit`` and ``max_nontarget_logit``: mean and max over the ``V - 1``
+      columns other than ``y`` (exactly the column ``y`` is left out, whatever its value);
+    * ``margin = z[y] - max_nontarget_logit``;
+    * ``rank``: how many non-target columns have a logit strictly greater than ``z[y]`` (0: the
+      target is a top-1 prediction; ties do not count).
+
+    Every field is 0 where the label is ``ignore_index``. Labels ``None`` (no targets): every
+    position is scored, the target-dependent fields (``target_logit``, ``margin``, ``rank``,
+    ``logprob``) are 0, and every column counts as non-target (``mean_nontarget_logit`` is
+    ``mean_logit``, ``max_nontarget_logit`` the largest logit). With ``V = 1`` and a target there
+    is no non-target column: ``mean_nontarget_logit``, ``max_nontarget_logit``, ``margin`` and
+    ``rank`` are 0.
+    """
+
+    target_logit: torch.Tensor
+    mean_logit: torch.Tensor
+    mean_nontarget_logit: torch.Tensor
+    max_nontarget_logit: torch.Tensor
+    margin: torch.Tensor
+    rank: torch.Tensor
+    entropy: torch.Tensor
+    logprob: torch.Tensor
+
+
 class LogSumExps(NamedTuple):
     """The forward's log-sum-exps of the strong and of the mixed logits, each as the pair
     ``(max, logsum)`` (see ``MixedTokenStats``): ``[N]`` in the compute dtype."""
@@ -181,6 +214,21 @@ class Engine(Protocol):
                      ignore_index: int) -> SingleTokenStats:
         """One model's per-token statistics, without gradient."""
         ...
+
+    # Optional (not every engine has it; ``wmss.logit_stats`` falls back to the torch engine):
+    #
+    # def logit_stats(self, model: ModelInputs, labels: Optional[torch.Tensor],
+    #                 softcap: Optional[float], ignore_index: int) -> LogitTokenStats:
+    #     """One model's ``LogitTokenStats`` (labels ``[N]`` int64, or None: no targets),
+    #     without gradient and, on the fused engines, without ``[N, V]`` logits."""
+    #
+    # It is not a Protocol member, so that ``isinstance(x, Engine)`` keeps holding for engines
+    # written before it; ``has_logit_stats`` tells whether an engine provides it.
+
+
+def has_logit_stats(engine) -> bool:
+    """Whether ``engine`` implements the optional ``logit_stats`` method of ``Engine``."""
+    return callable(getattr(engine, "logit_stats", None))
 
 
 @runtime_checkable

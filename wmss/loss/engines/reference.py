@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .contract import (
     FLOAT_DTYPES,
+    LogitTokenStats,
     MixedLossSpec,
     MixedTokenStats,
     ModelInputs,
@@ -93,8 +94,48 @@ def single_stats(model: ModelInputs, labels: torch.Tensor, softcap: Optional[flo
     )
 
 
+@torch.no_grad()
+def logit_stats(model: ModelInputs, labels: Optional[torch.Tensor], softcap: Optional[float],
+                ignore_index: int) -> LogitTokenStats:
+    """``LogitTokenStats`` (see there for every field's meaning) from the full ``[N, V]`` logits,
+    in the compute dtype of the model's inputs; ``labels`` ``[N]`` int64 or None (no targets)."""
+    z = logits(model, softcap)
+    num_tokens, vocab = z.shape
+    if labels is None:
+        scored = torch.ones(num_tokens, dtype=torch.bool, device=z.device)
+        has_target = torch.zeros_like(scored)
+        y = torch.zeros(num_tokens, dtype=torch.long, device=z.device)
+    else:
+        scored = has_target = labels != ignore_index
+        y = torch.where(has_target, labels, 0)
+    onehot = torch.zeros_like(z, dtype=torch.bool).scatter_(1, y[:, None], has_target[:, None])
+    target = z.gather(1, y[:, None]).squeeze(1)
+    nontarget_count = vocab - has_target.to(torch.long)
+    has_nontarget = scored & (nontarget_count > 0)
+    both = has_target & has_nontarget
+    max_nontarget = z.masked_fill(onehot, -torch.inf).amax(1)
+    mean_nontarget = z.masked_fill(onehot, 0.0).sum(1) / nontarget_count.clamp_min(1)
+    rank = ((z > target[:, None]) & ~onehot).sum(1)
+    log_probs = z.log_softmax(-1)
+
+    def where(mask, x):
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    return LogitTokenStats(
+        target_logit=where(has_target, target),
+        mean_logit=where(scored, z.mean(1)),
+        mean_nontarget_logit=where(has_nontarget, mean_nontarget),
+        max_nontarget_logit=where(has_nontarget, max_nontarget),
+        # -inf (no non-target column) only where ``both`` is False: never kept.
+        margin=where(both, target - max_nontarget),
+        rank=where(both, rank),
+        entropy=where(scored, _entropy(log_probs)),
+        logprob=where(has_target, log_probs.gather(1, y[:, None]).squeeze(1)),
+    )
+
+
 class ReferenceEngine:
-    """``mixed_loss`` and ``single_stats`` above, as an ``Engine``."""
+    """``mixed_loss``, ``single_stats`` and ``logit_stats`` above, as an ``Engine``."""
 
     supported_dtypes = FLOAT_DTYPES
 
@@ -105,3 +146,7 @@ class ReferenceEngine:
     def single_stats(self, model: ModelInputs, labels: torch.Tensor, softcap: Optional[float],
                      ignore_index: int) -> SingleTokenStats:
         return single_stats(model, labels, softcap, ignore_index)
+
+    def logit_stats(self, model: ModelInputs, labels: Optional[torch.Tensor],
+                    softcap: Optional[float], ignore_index: int) -> LogitTokenStats:
+        return logit_stats(model, labels, softcap, ignore_index)

@@ -29,6 +29,7 @@ from .contract import (
     FLOAT_DTYPES,
     GradRequest,
     LogSumExps,
+    LogitTokenStats,
     MixedLossSpec,
     MixedTokenStats,
     ModelGrads,
@@ -206,6 +207,68 @@ class TorchEngine(FusedEngineBase):
                                 torch.where(supervised, acc.logprob_target(), zero))
 
     @torch.no_grad()
+    def logit_stats(self, model: ModelInputs, labels: Optional[torch.Tensor],
+                    softcap: Optional[float], ignore_index: int) -> LogitTokenStats:
+        """``LogitTokenStats`` in one blocked pass (see the contract for the fields).
+
+        The target logit is computed first, token block by token block, as the dot product of
+        each hidden state with its label's weight row (``[token_block, d]`` at a time); the pass
+        then folds every logit block into the online ``(m, s, t)`` and into the non-target
+        sum, maximum and count of logits above the target, with exactly the label's column
+        left out. The non-target sum is accumulated apart (not ``sum - z[y]``), which would
+        cancel when ``z[y]`` dominates the row.
+        """
+        head = _BlockedHead(model, softcap, compute_dtype(model.dtype))
+        num_tokens, vocab = head.hidden.shape[0], head.weight.shape[0]
+        device, dtype = head.hidden.device, head.dtype
+        if labels is None:
+            scored = torch.ones(num_tokens, dtype=torch.bool, device=device)
+            has_target = torch.zeros_like(scored)
+            targets_of = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
+        else:
+            scored = has_target = labels != ignore_index
+            targets_of = torch.where(has_target, labels, -1)  # -1 matches no column
+        target = self._target_logits(head, targets_of)
+        acc = _Online(num_tokens, device, dtype)
+        nontarget_sum = torch.zeros(num_tokens, device=device, dtype=dtype)
+        nontarget_max = torch.full((num_tokens,), MASKED_LOGIT, device=device, dtype=dtype)
+        above = torch.zeros(num_tokens, device=device, dtype=torch.long)
+        for vocab_slice, tokens, (block,) in self._blocks(num_tokens, head):
+            z = head.logits(tokens, *block)
+            targets = _Targets(targets_of, tokens, vocab_slice)
+            # The label's column set to 0 for the sum, then to MASKED_LOGIT for the max and the
+            # count; ``z`` itself stays whole for the online statistics.
+            nontarget = z.scatter(1, targets.columns,
+                                  torch.where(targets.inside[:, None], 0.0,
+                                              z.gather(1, targets.columns)))
+            nontarget_sum[tokens] += nontarget.sum(dim=1)
+            nontarget.scatter_(1, targets.columns,
+                               torch.where(targets.inside[:, None], MASKED_LOGIT,
+                                           nontarget.gather(1, targets.columns)))
+            torch.maximum(nontarget_max[tokens], nontarget.amax(dim=1),
+                          out=nontarget_max[tokens])
+            above[tokens] += (nontarget > target[tokens, None]).sum(dim=1)
+            acc.consume(tokens, z, targets)
+        return _logit_token_stats(scored, has_target, vocab, target, nontarget_sum,
+                                  nontarget_max, above, acc)
+
+    def _target_logits(self, head: _BlockedHead, targets_of: torch.Tensor) -> torch.Tensor:
+        """``z[n, y_n]`` in the compute dtype, 0 where ``y_n`` is -1: ``[N]``."""
+        target = torch.zeros(targets_of.shape[0], device=targets_of.device, dtype=head.dtype)
+        vocab = head.weight.shape[0]
+        for n0 in range(0, targets_of.shape[0], self.token_block):
+            tokens = slice(n0, min(n0 + self.token_block, targets_of.shape[0]))
+            y = targets_of[tokens].clamp(0, vocab - 1)
+            h = head.hidden[tokens].to(head.dtype)
+            z = (h * head.weight[y].to(head.dtype)).sum(dim=1)
+            if head.bias is not None:
+                z += head.bias[y].to(head.dtype)
+            if head.softcap is not None:
+                z = head.softcap * torch.tanh(z / head.softcap)
+            target[tokens] = torch.where(targets_of[tokens] >= 0, z, 0.0)
+        return target
+
+    @torch.no_grad()
     def mixed_backward(self, strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,
                        lse: LogSumExps, coefficients: TokenCoefficients, spec: MixedLossSpec,
                        requests: tuple[GradRequest, GradRequest]) -> tuple[ModelGrads, ModelGrads]:
@@ -260,3 +323,28 @@ class TorchEngine(FusedEngineBase):
             grads.weight[vocab].addmm_(g.t(), head.hidden[tokens].to(head.dtype))
         if grads.bias is not None:
             grads.bias[vocab] += g.sum(dim=0)
+
+
+def _logit_token_stats(scored: torch.Tensor, has_target: torch.Tensor, vocab: int,
+                       target: torch.Tensor, nontarget_sum: torch.Tensor,
+                       nontarget_max: torch.Tensor, above: torch.Tensor,
+                       acc: _Online) -> LogitTokenStats:
+    """The contract's fields from the pass's per-token accumulators (0 where not defined)."""
+    nontarget_count = vocab - has_target.to(torch.long)
+    has_nontarget = scored & (nontarget_count > 0)
+    both = has_target & has_nontarget
+
+    def where(mask, x):
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    mean = (nontarget_sum + target) / vocab
+    return LogitTokenStats(
+        target_logit=where(has_target, target),
+        mean_logit=where(scored, mean),
+        mean_nontarget_logit=where(has_nontarget, nontarget_sum / nontarget_count.clamp_min(1)),
+        max_nontarget_logit=where(has_nontarget, nontarget_max),
+        margin=where(both, target - nontarget_max),
+        rank=where(both, above),
+        entropy=where(scored, acc.entropy()),
+        logprob=where(has_target, (target - acc.m) - acc.s.log()),
+    )

@@ -15,6 +15,7 @@ from ..autograd import FusedEngineBase
 from .contract import (
     GradRequest,
     LogSumExps,
+    LogitTokenStats,
     MixedLossSpec,
     MixedTokenStats,
     ModelGrads,
@@ -59,6 +60,15 @@ class TritonEngine(FusedEngineBase):
 
         return single_token_stats(_unit_stride(model), labels, softcap=softcap,
                                   ignore_index=ignore_index, logit_source=self.logit_source)
+
+    def logit_stats(self, model: ModelInputs, labels: Optional[torch.Tensor],
+                    softcap: Optional[float], ignore_index: int) -> LogitTokenStats:
+        """``wmss_kernels.logit_stats.logit_token_stats`` (always Triton-computed logit tiles:
+        the logit source does not apply)."""
+        from wmss_kernels.logit_stats import logit_token_stats
+
+        return logit_token_stats(_unit_stride(model), labels, softcap=softcap,
+                                 ignore_index=ignore_index)
 
     def mixed_backward(self, strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,
                        lse: LogSumExps, coefficients: TokenCoefficients, spec: MixedLossSpec,
