@@ -18,8 +18,7 @@ from oracle import logit_truth
 import wmss
 from wmss import commands as cli
 
-# The module (``wmss.loss.logit_stats`` as an attribute is the function it defines).
-logit_stats_module = importlib.import_module("wmss.loss.logit_stats")
+logit_stats_module = importlib.import_module("wmss.loss.logit_statistics")
 
 FLOAT_FIELDS = ("target_logit", "mean_logit", "mean_nontarget_logit", "max_nontarget_logit",
                 "margin", "entropy", "logprob")

@@ -5,8 +5,9 @@ already validated, flat and cast (``wmss.loss.inputs``): one ``ModelInputs`` per
 labels ``[N]`` and a ``MixedLossSpec``. Two kinds of engine implement the contract:
 
 * a ``FusedEngine`` ("torch", "triton") computes the forward statistics and, separately, the
-  gradients of ``sum_n c_n loss_n``; the autograd Function of ``wmss.loss.autograd`` joins the
-  two, and its ``FusedEngineBase`` gives every fused engine its ``mixed_loss``;
+  gradients of ``sum_n c_n loss_n``; the custom ops of ``wmss.loss.autograd`` join the two into
+  one differentiable operation, and its ``FusedEngineBase`` gives every fused engine its
+  ``mixed_loss`` (and the ``key`` the ops name it by);
 * the reference engine writes the formula with materialised logits and lets autograd
   differentiate it (to any order).
 
@@ -235,9 +236,10 @@ def has_logit_stats(engine) -> bool:
 class FusedEngine(Engine, Protocol):
     """An engine whose loss is computed by fused forward and backward passes (no logits kept).
 
-    ``mixed_loss`` comes from ``wmss.loss.autograd.FusedEngineBase``: its autograd Function
-    calls ``pinned()`` and ``mixed_forward`` at the forward, and ``mixed_backward`` of the pinned
-    engine at the backward.
+    ``mixed_loss`` comes from ``wmss.loss.autograd.FusedEngineBase``: its custom ops call
+    ``mixed_forward`` of the ``pinned()`` engine at the forward and its ``mixed_backward`` at the
+    backward, naming it by ``key`` (class and attributes: an engine's attributes are plain
+    values, its configuration).
     """
 
     def pinned(self) -> "FusedEngine":
