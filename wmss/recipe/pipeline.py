@@ -40,8 +40,7 @@ from ..hf.models import load_causal_lm
 from ..io import atomic_write_json, directory_lock
 from .data import data_sha256, encode_records, read_records
 from .selection import SelectionOptions
-from ..loss.engines import BACKENDS
-from ..loss.options import check_gap_threshold, check_lam
+from ..loss import LossOptions
 from ..validation import check_choice, check_flag, check_int
 
 RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
@@ -164,13 +163,12 @@ class PipelineConfig:
         check_int("rounds", self.rounds, 0)
         if self.rounds == 0 and self.base_model is None:
             raise ValueError("rounds must be >= 1 (or 0 with base_model: SFT only), got 0")
-        self.lam = check_lam(self.lam)
-        self.gap_threshold = check_gap_threshold(self.gap_threshold)
+        loss = self.loss_options()  # lam, gap_threshold, train_weak, backend: the loss's checks
+        self.lam, self.gap_threshold = loss.lam, loss.gap_threshold
         if self.gap_threshold is not None and not math.isfinite(self.gap_threshold):
             raise ValueError(f"gap_threshold must be finite or None (no gap masking), got "
                              f"{self.gap_threshold}")
         self.selection_options()  # alpha, beta, gamma, normalize, entropy_term, draws, seed
-        check_flag("train_weak", self.train_weak)
         for name in ("sft_epochs", "wmss_epochs", "learning_rate"):
             setattr(self, name, _check_real(name, getattr(self, name), low=0.0, low_open=True))
         self.warmup_ratio = _check_real("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0,
@@ -181,7 +179,6 @@ class PipelineConfig:
                      "save_steps", "logging_steps"):
             check_int(name, getattr(self, name), 1)
         check_choice("dtype", self.dtype, DTYPES)
-        check_choice("backend", self.backend, BACKENDS)
         for name in ("bf16", "activation_checkpointing", "use_cpu"):
             check_flag(name, getattr(self, name))
         if not isinstance(self.extra_training_args, dict):
@@ -198,6 +195,11 @@ class PipelineConfig:
             raise ValueError(f"extra_training_args: {own} are set by the pipeline; use the "
                              "setting of their own instead: "
                              + ", ".join(f"{k} -> {PIPELINE_TRAINING_ARGS[k]}" for k in own))
+
+    def loss_options(self) -> LossOptions:
+        """The joint training's loss options (checked: ``LossOptions`` raises on a bad one)."""
+        return LossOptions(lam=self.lam, train_weak=self.train_weak,
+                           gap_threshold=self.gap_threshold, backend=self.backend)
 
     def selection_options(self) -> SelectionOptions:
         """The WD-DS options of every round (validated by ``SelectionOptions``)."""
