@@ -110,3 +110,20 @@ def test_the_trainer_with_torch_compile_takes_the_eager_step(tmp_path):
     assert eager.keys() == compiled.keys()
     for name, weight in eager.items():
         assert_close(compiled[name], weight, 1e-6, name)
+
+
+def test_a_compiled_loss_takes_a_transposed_weight():
+    """The backward's fake outputs are contiguous, as its real gradients are, whatever the
+    inputs' strides: here the strong weight is held as ``[d, V]`` and passed transposed."""
+    inputs, labels = make_inputs(shape=(2, 5), vocab=37, d_strong=8, d_weak=6)
+    inputs["strong_weight"] = inputs["strong_weight"].detach().t().contiguous()  # [d, V]
+
+    def transposed(leaves, labels, **options):
+        return fused({**leaves, "strong_weight": leaves["strong_weight"].t()}, labels, **options)
+
+    want_loss, _, want_grads = loss_and_grads(transposed, inputs, labels, backend="torch")
+    loss, _, grads = loss_and_grads(torch.compile(transposed, fullgraph=True), inputs, labels,
+                                    backend="torch")
+    assert_close(loss, want_loss, 1e-6, "loss")
+    for name, grad in want_grads.items():
+        assert_close(grads[name], grad, 1e-6, name)

@@ -12,6 +12,7 @@ from conftest import BACKENDS, make_inputs
 import wmss
 from wmss.loss import LossOptions, engines
 from wmss.loss.engines.contract import Engine, FusedEngine, ModelInputs
+from wmss.loss.engines.torch_engine import TorchEngine
 from wmss.recipe.toy import tiny_causal_lm
 
 # One bad value per option, with the error every entry point must give for it.
@@ -126,6 +127,17 @@ def test_the_public_api_keeps_its_names_and_signatures():
                           "lam", "strong_bias", "weak_bias", "ignore_index", "reduction",
                           "num_items_in_batch", "softcap", "train_weak", "gap_threshold",
                           "return_stats", "backend"]
+    defaults = {name: p.default for name, p in inspect.signature(wmss.fused_loss).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert defaults == dict(lam=0.5, strong_bias=None, weak_bias=None, ignore_index=-100,
+                            reduction="mean", num_items_in_batch=None, softcap=None,
+                            train_weak=True, gap_threshold=None, return_stats=False,
+                            backend="auto")
+    # apply_wmss: train_weak=None is True, but False for a LoRA pair's weak_model="base".
+    defaults = {name: p.default for name, p in inspect.signature(wmss.apply_wmss).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert defaults == dict(lam=0.5, train_weak=None, gap_threshold=None, backend="auto",
+                            ignore_index=-100, use_liger=False)
     assert list(inspect.signature(wmss.token_entropy).parameters) == [
         "hidden", "weight", "labels", "bias", "softcap", "ignore_index", "backend"]
     assert list(inspect.signature(wmss.apply_wmss).parameters) == [
@@ -151,3 +163,42 @@ def test_modules_users_import_by_their_old_names_are_the_modules_themselves():
     assert WMSSSFTTrainer is wmss.WMSSSFTTrainer
     assert training_arguments is wmss.training_arguments
     assert wmss.pair is wmss.hf.pair and wmss.WMSSPair is wmss.hf.pair.WMSSPair
+
+
+def test_submodules_of_old_names_are_the_modules_themselves_too():
+    import wmss.selection.flow
+    from wmss.selection.signatures import HASH_CHUNK_BYTES
+
+    assert wmss.selection.flow is wmss.recipe.selection.flow
+    assert HASH_CHUNK_BYTES == wmss.recipe.selection.signatures.HASH_CHUNK_BYTES
+    assert wmss.selection.flow.__spec__.name == "wmss.recipe.selection.flow"
+
+
+def test_a_pairs_options_can_be_set_and_are_checked():
+    pair = apply_wmss_call(lam=0.5)
+    pair.lam = 0.25  # e.g. a schedule over training
+    assert pair.loss_options.lam == 0.25 and pair.lam == 0.25
+    with pytest.raises(ValueError, match="lam must be a finite number in \\[0, 1\\]"):
+        pair.lam = 2.0
+    assert pair.lam == 0.25
+    with pytest.raises(AttributeError):
+        pair.train_weak = False  # which parameters train is fixed when the pair is built
+    again = wmss.WMSSPair(pair.strong, pair.weak, lam=0.25, train_weak=True)
+    assert again.loss_options == pair.loss_options
+
+
+class LocalState(TorchEngine):
+    """A fused engine with an attribute the custom ops cannot carry as text."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtype = torch.float32
+
+
+def test_a_fused_engine_whose_configuration_is_not_plain_values_is_refused_by_name():
+    inputs, labels = make_inputs(shape=(2, 5), vocab=40, d_strong=16, d_weak=12)
+    strong = ModelInputs(inputs["strong_hidden"].reshape(-1, 16), inputs["strong_weight"])
+    weak = ModelInputs(inputs["weak_hidden"].reshape(-1, 12), inputs["weak_weight"])
+    with pytest.raises(TypeError, match="LocalState's attributes must be plain Python values"):
+        LocalState().mixed_loss(strong, weak, labels.reshape(-1), LossOptions().spec)
+    assert engines.engine("torch").key.startswith("wmss.loss.engines.torch_engine|TorchEngine|")

@@ -258,3 +258,11 @@ def test_trl_trains_a_lora_pair_and_refuses_to_wrap_a_pair_in_peft(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(".default." in n for n in changed) and any(".weak." in n for n in changed)
     assert all("lora_" in n for n in changed)
+
+
+def test_a_refused_lora_pair_leaves_the_peft_model_as_it_was():
+    model = peft_pair_model()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="lam"):
+        wmss.apply_wmss(model, "adapter:weak", lam=2.0)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}

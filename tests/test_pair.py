@@ -114,7 +114,7 @@ def test_output_carries_the_fused_statistics():
     assert 0 <= out.mixed_fraction.item() <= 1
     assert "logits" not in out
     # A trainer that reads the logits expects a plain causal LM: it is told which trainer to use.
-    with pytest.raises(AttributeError, match="train the pair with wmss.trainer.WMSSSFTTrainer"):
+    with pytest.raises(AttributeError, match="train the pair with wmss.WMSSSFTTrainer"):
         out.logits
     assert getattr(out, "logits", None) is None
 

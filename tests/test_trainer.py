@@ -257,7 +257,7 @@ def test_trl_sft_trainer_trains_the_pair_with_the_wmss_loss(tmp_path):
                            processing_class=tokenizer)
     # Recent TRL replaces the pair's forward with its own LM head (the pair has no base_model);
     # TRL 0.x runs the pair's forward, then reads outputs.logits. Either way: WMSSSFTTrainer.
-    with pytest.raises(AttributeError, match="train the pair with wmss.trainer.WMSSSFTTrainer"):
+    with pytest.raises(AttributeError, match="train the pair with wmss.WMSSSFTTrainer"):
         plain.train()
 
 

@@ -62,20 +62,33 @@ def __getattr__(name):
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """``import wmss.selection`` (and the other names of ``_MODULE_ALIASES``) gives the module
-    where it lives: one module object under two names, so patching either patches both."""
+    """``import wmss.selection`` (and the other names of ``_MODULE_ALIASES``, and their
+    submodules) gives the module where it lives: one module object under two names, so patching
+    either patches both."""
 
     def find_spec(self, name, path=None, target=None):
-        if name not in _MODULE_ALIASES:
+        if _real_name(name) is None:
             return None
         return importlib.util.spec_from_loader(name, self)
 
     def create_module(self, spec):
-        return importlib.import_module(_MODULE_ALIASES[spec.name])
+        module = importlib.import_module(_real_name(spec.name))
+        self._own_spec = module.__spec__  # the import system sets __spec__ to the alias's
+        return module
 
     def exec_module(self, module):
-        pass  # already executed under its own name
+        module.__spec__ = self._own_spec  # already executed under its own name
 
 
+def _real_name(name: str):
+    """Where the module an old name (or a submodule of one: ``wmss.selection.flow``) lives."""
+    for alias, real in _MODULE_ALIASES.items():
+        if name == alias or name.startswith(alias + "."):
+            return real + name[len(alias):]
+    return None
+
+
+# First on the path: a directory left at an old place (e.g. a stale __pycache__) must not
+# shadow the real module with an empty namespace package.
 if not any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
-    sys.meta_path.append(_AliasFinder())
+    sys.meta_path.insert(0, _AliasFinder())

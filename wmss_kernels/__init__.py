@@ -2,7 +2,8 @@
 
 * ``fused_stats``: forward statistics of one model or of the mixed pair, logits never materialised.
 * ``logit_grad``: backward, recomputing logit tiles and handing chunked logit gradients to cuBLAS.
-* ``logit_tiles``: the ``@triton.jit`` building blocks both share.
+* ``logit_stats``: one model's logit statistics (``wmss.logit_stats``).
+* ``logit_tiles``: the ``@triton.jit`` building blocks they share.
 * ``products``: the cuBLAS products, with float32 accumulation whatever the operands.
 * ``config``: every tile shape, launch setting and memory budget.
 * ``compile_check``: ahead-of-time compilation of every production configuration.

@@ -284,9 +284,11 @@ def _block_width(num_tokens: int, vocab: int, bytes_per_entry: int, budget: int,
     return min(vocab, max(width, tiles.block_v))
 
 
-def _partials_from_cublas(hs, ws, bs, hw, ww, bw, labels, partials, *, two_models, lam, softcap,
-                          tiles: config.Tiles):
-    """Fill the single split of ``partials`` from float32 logit blocks written by cuBLAS."""
+def _partials_from_cublas(strong: ModelInputs, weak: ModelInputs, labels, partials, *,
+                          two_models, lam, softcap, tiles: config.Tiles):
+    """Fill the single split of ``partials`` from float32 logit blocks written by cuBLAS
+    (``weak`` is ``strong`` again for one model)."""
+    (hs, ws, bs), (hw, ww, bw) = strong, weak
     num_tokens, vocab = hs.shape[0], ws.shape[0]
     models = 2 if two_models else 1
     width = _block_width(num_tokens, vocab, 4 * models, config.STATS_LOGIT_BYTES, tiles)
@@ -338,8 +340,8 @@ def _launch(strong, weak, labels, *, lam, softcap, gap_threshold, ignore_index, 
     partials = torch.empty((num_partials, splits, num_tokens), device=device, dtype=torch.float32)
 
     if source == "cublas":
-        _partials_from_cublas(hs, ws, bs, hw, ww, bw, labels, partials, two_models=two_models,
-                              lam=lam, softcap=softcap,
+        _partials_from_cublas(ModelInputs(hs, ws, bs), ModelInputs(hw, ww, bw), labels, partials,
+                              two_models=two_models, lam=lam, softcap=softcap,
                               tiles=config.loaded_tiles(config.device_arch(device)))
     else:
         grid = (triton.cdiv(num_tokens, tiles.block_n) * splits,)

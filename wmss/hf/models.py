@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..loss.engines.contract import ModelInputs
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside PEFT / DDP / torch.compile wrappers (same parameters)."""
@@ -112,12 +114,13 @@ class LMHead:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z
 
-    def fused_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(hidden, bias)`` with the scale folded in, ready for ``wmss.fused_loss``."""
+    def model_inputs(self, hidden: torch.Tensor) -> ModelInputs:
+        """What the fused loss takes for final hidden states ``(..., d)``: the scale folded into
+        the hidden states and the bias (``z = (s h) W^T + s b``); the soft-cap is ``softcap``."""
         if self.scale == 1.0:
-            return hidden, self.bias
+            return ModelInputs(hidden, self.weight, self.bias)
         bias = None if self.bias is None else self.bias * self.scale
-        return hidden * self.scale, bias
+        return ModelInputs(hidden * self.scale, self.weight, bias)
 
     @torch.no_grad()
     def verify(self, model: nn.Module, tokens: int = 4) -> None:

@@ -23,7 +23,6 @@ from transformers.utils import ModelOutput
 
 from .. import defaults
 from ..loss import LossOptions, TokenStats, fused_loss_with
-from ..loss.engines.contract import ModelInputs
 from .batches import shift_labels as shift
 from ..validation import check_flag
 from .lora import AdapterView, adapter_view, checkpointing_enabled, is_peft_model, save_strong
@@ -70,13 +69,13 @@ class WMSSOutput(ModelOutput):
 _NO_LOGITS = (
     "WMSSOutput has no logits (the pair never builds them): the trainer that read them expects a "
     "plain causal LM (TRL's SFTTrainer does), not a WMSSPair; train the pair with "
-    "wmss.trainer.WMSSSFTTrainer or wmss.WMSSTrainer instead.")
+    "wmss.WMSSSFTTrainer or wmss.WMSSTrainer instead.")
 
 
 _NO_BACKBONE = (
     "WMSSPair has no single backbone (base_model): something tried to run the strong model's "
     "backbone and head alone, which would bypass the WMSS loss. TRL's SFTTrainer does this when it "
-    "installs its own fused LM head; train the pair with wmss.trainer.WMSSSFTTrainer or "
+    "installs its own fused LM head; train the pair with wmss.WMSSSFTTrainer or "
     "wmss.WMSSTrainer instead.")
 
 _NO_CHECKPOINTING_WITH_ADAPTERS = (
@@ -100,7 +99,15 @@ class WMSSPair(nn.Module):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
 
-    def __init__(self, strong: nn.Module, weak: nn.Module, options: LossOptions):
+    def __init__(self, strong: nn.Module, weak: nn.Module, options: Optional[LossOptions] = None,
+                 **option_values):
+        """``options``, or the ``LossOptions`` fields as keywords (``lam=...``); prefer
+        ``wmss.apply_wmss``, which checks the pair and takes LoRA pairs too."""
+        if options is None:
+            options = LossOptions(**option_values)
+        elif option_values:
+            raise TypeError(f"WMSSPair takes options or option keywords, not both (got "
+                            f"{sorted(option_values)})")
         super().__init__()
         self.strong, self.weak = strong, weak
         strong_head, weak_head = LMHead.of(strong), LMHead.of(weak)
@@ -135,12 +142,22 @@ class WMSSPair(nn.Module):
         if not options.train_weak and not isinstance(weak, AdapterView):
             weak.requires_grad_(False)  # a view's adapters were set by adapter_view
 
-    # The options as attributes (read by the trainer, the pipeline and users).
-    lam = property(lambda self: self.loss_options.lam)
-    train_weak = property(lambda self: self.loss_options.train_weak)
-    gap_threshold = property(lambda self: self.loss_options.gap_threshold)
-    backend = property(lambda self: self.loss_options.backend)
-    ignore_index = property(lambda self: self.loss_options.ignore_index)
+    def _option(name: str, settable: bool = True):
+        """A loss option as an attribute; setting it (e.g. a lam schedule) checks the new value
+        and applies from the next forward."""
+        def get(self):
+            return getattr(self.loss_options, name)
+
+        def set_(self, value):
+            self.loss_options = self.loss_options.replace(**{name: value})
+
+        return property(get, set_ if settable else None, doc=f"The loss option {name!r}.")
+
+    lam, gap_threshold, backend, ignore_index = (
+        _option("lam"), _option("gap_threshold"), _option("backend"), _option("ignore_index"))
+    # Freezing or unfreezing changes which parameters train: build a new pair for that.
+    train_weak = _option("train_weak", settable=False)
+    del _option
 
     @staticmethod
     def _config_wants_router_logits(model: nn.Module) -> bool:
@@ -230,13 +247,12 @@ class WMSSPair(nn.Module):
             return WMSSOutput(aux_loss=aux_loss)
 
         strong_head, weak_head = LMHead.of(self.strong), LMHead.of(self.weak)
-        hidden_s, bias_s = strong_head.fused_inputs(hidden_s)
-        hidden_w, bias_w = weak_head.fused_inputs(hidden_w)
+
         targets = (shift_labels if shift_labels is not None
                    else shift(labels, self.ignore_index))
         loss, stats = fused_loss_with(
-            self.loss_options, ModelInputs(hidden_s, strong_head.weight, bias_s),
-            ModelInputs(hidden_w, weak_head.weight, bias_w), targets, num_items_in_batch)
+            self.loss_options, strong_head.model_inputs(hidden_s),
+            weak_head.model_inputs(hidden_w), targets, num_items_in_batch)
         supervised = targets != self.ignore_index
         num_tokens = supervised.sum()
         count = num_tokens.clamp(min=1)
@@ -334,12 +350,13 @@ def apply_wmss(strong_model: nn.Module, weak_model: Union[nn.Module, str],
     """
     if train_weak is not None:
         check_flag("train_weak", train_weak)
-    if isinstance(weak_model, str):
-        weak_model, train_weak = adapter_view(strong_model, weak_model, train_weak)
-    train_weak = True if train_weak is None else train_weak
-    options = LossOptions(lam=lam, train_weak=train_weak, gap_threshold=gap_threshold,
-                          backend=backend, ignore_index=ignore_index)
+    # Every option is checked before anything changes (adapter_view sets requires_grad flags).
+    options = LossOptions(lam=lam, train_weak=True if train_weak is None else train_weak,
+                          gap_threshold=gap_threshold, backend=backend, ignore_index=ignore_index)
     check_flag("use_liger", use_liger)
+    if isinstance(weak_model, str):
+        weak_model, weak_trained = adapter_view(strong_model, weak_model, train_weak)
+        options = options.replace(train_weak=weak_trained)
     if strong_model is weak_model:
         raise ValueError("strong_model and weak_model are the same object; WMSS needs two models "
                          "(load the weak checkpoint separately, or name the weak model inside a "

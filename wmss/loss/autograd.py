@@ -40,27 +40,31 @@ from .engines.contract import (
 
 DOUBLE_BACKWARD_ERROR = (
     "wmss.fused_loss: double backward (a backward with create_graph=True, e.g. for a gradient "
-    "penalty) is not supported by the fused backends 'torch' and 'triton': their gradients come "
-    "from fused kernels that have no derivative of their own. Use backend='reference' (it "
+    "penalty) is not supported by the fused backends ('torch', 'triton', ...): their gradients "
+    "come from fused kernels that have no derivative of their own. Use backend='reference' (it "
     "materialises the [tokens, vocab] logits), which autograd differentiates to any order.")
 
 Tensor = torch.Tensor
 KEY_SEPARATOR = "|"
 
 
+@functools.lru_cache(maxsize=None)  # engines hold configuration only: one per key
 def engine_from_key(key: str) -> FusedEngine:
     """The engine ``FusedEngineBase.key`` names: its class, with its attributes restored."""
-    return _engine_from_key(key)
-
-
-@functools.lru_cache(maxsize=None)  # engines hold configuration only: one per key
-def _engine_from_key(key: str) -> FusedEngine:
     module, qualname, state = key.split(KEY_SEPARATOR, 2)
     cls = importlib.import_module(module)
     for part in qualname.split("."):
         cls = getattr(cls, part)
+    try:
+        attributes = ast.literal_eval(state)
+    except (ValueError, SyntaxError):
+        attributes = None
+    if not isinstance(attributes, dict) or repr(attributes) != state:
+        raise TypeError(f"{qualname}'s attributes must be plain Python values (numbers, strings, "
+                        f"None, tuples...): they are its configuration, which the custom ops "
+                        f"carry as text; got {state}")
     engine = cls.__new__(cls)
-    vars(engine).update(ast.literal_eval(state))
+    vars(engine).update(attributes)
     return engine
 
 
@@ -122,9 +126,21 @@ def _mixed_backward(strong_hidden: Tensor, strong_weight: Tensor, strong_bias: O
         strong, weak, labels, LogSumExps(max_strong, logsum_strong, max_mix, logsum_mix),
         TokenCoefficients(coef_mix, coef_strong), _spec(lam, softcap, gap_threshold, ignore_index),
         (GradRequest(*requests[:3]), GradRequest(*requests[3:])))
-    return _unaliased(labels.new_empty(0, dtype=like.dtype) if grad is None else grad.to(like.dtype)
+    return _unaliased(labels.new_empty(0, dtype=like.dtype) if grad is None
+                      else _in_layout_of(grad, like)
                       for model_grads, inputs in zip(grads, (strong, weak))
                       for grad, like in zip(model_grads, _inputs_or_labels(inputs, labels)))
+
+
+def _in_layout_of(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` in ``like``'s dtype and strides (what the fake implementation promises; a copy
+    only for an input that is not laid out as the engine's gradient, e.g. a transposed weight)."""
+    grad = grad.to(like.dtype)
+    if grad.stride() == like.stride():
+        return grad
+    out = torch.empty_like(like)
+    out.copy_(grad)
+    return out
 
 
 def _inputs_or_labels(inputs: ModelInputs, labels: Tensor):
@@ -142,6 +158,7 @@ def _mixed_backward_fake(strong_hidden, strong_weight, strong_bias, weak_hidden,
                          weak_bias, labels, *rest):
     requests = rest[-1]
     inputs = (strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias)
+    # Each gradient in its input's layout, as the real op returns it (a transposed weight too).
     return tuple(torch.empty_like(t) if wanted else labels.new_empty(
         0, dtype=labels.dtype if t is None else t.dtype) for t, wanted in zip(inputs, requests))
 
@@ -200,7 +217,10 @@ class FusedEngineBase:
         """The engine as a string the ops carry: its class and its attributes (plain Python
         values: an engine's state is its configuration), read back by ``engine_from_key``."""
         cls = type(self)
-        state = {name: value for name, value in sorted(vars(self).items())}
+        state = dict(sorted(vars(self).items()))
+        if "<locals>" in cls.__qualname__:
+            raise TypeError(f"{cls.__qualname__}: a fused engine must be a module-level class "
+                            "(the custom ops rebuild it from its import path)")
         return KEY_SEPARATOR.join((cls.__module__, cls.__qualname__, repr(state)))
 
     def mixed_loss(self, strong: ModelInputs, weak: ModelInputs, labels: torch.Tensor,

@@ -44,19 +44,6 @@ __all__ = ["STATISTICS", "format_table", "inspect_models"]
 STATISTICS = LogitStats.field_names()
 
 
-class _Head:
-    """What ``logit_stats`` takes for one model, or for the pair's mixture, from a batch."""
-
-    def __init__(self, head: hf.LMHead):
-        self.head = head
-        self.weight = head.weight
-
-    def inputs(self, hidden: torch.Tensor):
-        """``(hidden, weight, bias, softcap)`` for final hidden states ``[B, T, d]``."""
-        hidden, bias = self.head.fused_inputs(hidden.to(self.weight.device, self.weight.dtype))
-        return hidden, self.weight, bias, self.head.softcap
-
-
 class _MixtureHead:
     """The mixture of two linear heads as one (module doc)."""
 
@@ -80,7 +67,7 @@ class _MixtureHead:
         parts, biases = [], []
         for head, hidden, weight in ((self.strong, strong_hidden, self.lam),
                                      (self.weak, weak_hidden, 1.0 - self.lam)):
-            hidden, bias = head.fused_inputs(hidden.to(self.device, self.dtype))
+            hidden, _, bias = head.model_inputs(hidden.to(self.device, self.dtype))
             parts.append(hidden * weight)
             if bias is not None:
                 biases.append(bias.to(self.device, self.dtype) * weight)
@@ -152,7 +139,12 @@ def inspect_models(strong_model: nn.Module, dataset: Sequence[Mapping], *,
                 device = _device(model)
                 hidden[name] = hf.final_hidden_states(model, batch["input_ids"].to(device),
                                                       batch["attention_mask"].to(device))
-            inputs = {name: _Head(heads[name]).inputs(hidden[name]) for name in models}
+            inputs = {}
+            for name in models:
+                head = heads[name]
+                model_inputs = head.model_inputs(hidden[name].to(head.weight.device,
+                                                                 head.weight.dtype))
+                inputs[name] = (*model_inputs, head.softcap)
             if mixture is not None:
                 inputs["mix"] = mixture.mixed_inputs(hidden["strong"], hidden["weak"])
             for name, (h, weight, bias, softcap) in inputs.items():

@@ -242,6 +242,11 @@ class FusedEngine(Engine, Protocol):
     values, its configuration).
     """
 
+    @property
+    def key(self) -> str:
+        """The engine as text the custom ops carry (``FusedEngineBase.key``)."""
+        ...
+
     def pinned(self) -> "FusedEngine":
         """The engine with its run-time configuration fixed, so a backward matches its forward."""
         ...

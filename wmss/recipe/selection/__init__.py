@@ -34,7 +34,7 @@ resuming an output file), ``scoring`` (``score_dataset``). Every public name is 
 """
 
 # The constants are re-exported to be read. One a module uses (e.g. HASH_CHUNK_BYTES) is looked up
-# in that module (wmss.selection.signatures), so that is where a test must set it.
+# in that module (wmss.recipe.selection.signatures), so that is where a test must set it.
 from .catalog import dataset_fingerprint
 from .flow import (ACTIVE_FILE, SCORES_FILE, SUMMARY_FILE, Selection, SelectionOptions,
                    save_selection, select_active, summarize)

@@ -95,8 +95,8 @@ def _entropy_sums(model: nn.Module, head: hf.LMHead, batch: dict, backend: str,
     # The model's own head would need matching dtypes too; some backbones return float32 norms.
     # With a model split across devices (device_map), the head may sit elsewhere than the input.
     head_device = head.weight.device
-    hidden, bias = head.fused_inputs(hidden.to(head_device, head.weight.dtype))
-    entropy = token_entropy(hidden, head.weight, batch["targets"].to(head_device), bias=bias,
+    hidden, weight, bias = head.model_inputs(hidden.to(head_device, head.weight.dtype))
+    entropy = token_entropy(hidden, weight, batch["targets"].to(head_device), bias=bias,
                             softcap=head.softcap, ignore_index=ignore_index, backend=backend)
     # Entropies are >= 0; float32 rounding can leave ~-1e-7 on a near one-hot distribution.
     return entropy.double().clamp_min(0).sum(1).cpu()
