@@ -3,9 +3,12 @@
 * ``"triton"``: the fused Triton kernels of ``wmss_kernels`` (CUDA, or CPU under
   ``TRITON_INTERPRET=1``); float16, bfloat16 and float32.
 * ``"torch"``: the same algorithm in chunked PyTorch, on any device and dtype.
+* ``"native"``: the same algorithm as a C++ CPU extension (``csrc/``, built on first use; see
+  ``native_engine``), any dtype; CPU tensors only.
 * ``"reference"``: the plain formula with materialised logits (tests and debugging).
-* ``"auto"``: Triton on CUDA, chunked PyTorch everywhere else and for dtypes the Triton kernels
-  do not support (float64).
+* ``"auto"``: Triton on CUDA (chunked PyTorch for dtypes the Triton kernels do not support:
+  float64); on CPUs the native extension when it builds (one warning and chunked PyTorch when
+  it cannot; ``WMSS_NATIVE=0`` turns it off), chunked PyTorch on other devices.
 
 Every engine implements ``contract.Engine``; ``engine(name)`` returns the shared instance.
 """
@@ -13,6 +16,7 @@ Every engine implements ``contract.Engine``; ``engine(name)`` returns the shared
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -21,7 +25,7 @@ from wmss_kernels.config import is_interpreting
 from ...validation import check_choice
 from .contract import Engine
 
-ENGINES = ("triton", "torch", "reference")
+ENGINES = ("triton", "torch", "native", "reference")
 BACKENDS = ("auto", *ENGINES)
 
 
@@ -36,6 +40,10 @@ def engine(name: str) -> Engine:
         from .torch_engine import TorchEngine
 
         return TorchEngine()
+    if name == "native":
+        from .native_engine import NativeEngine
+
+        return NativeEngine()
     if name == "reference":
         from .reference import ReferenceEngine
 
@@ -48,6 +56,8 @@ def resolve(backend: str, device: torch.device, dtypes=()) -> str:
     ``(argument name, dtype)``); raises ``ValueError`` naming the argument if it cannot run there."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
+        if device.type == "cpu" and _native_for_auto():
+            return "native"
         if device.type != "cuda" or is_interpreting():
             return "torch"
         supported = engine("triton").supported_dtypes
@@ -56,6 +66,15 @@ def resolve(backend: str, device: torch.device, dtypes=()) -> str:
             device.type == "cpu" and is_interpreting()):
         raise ValueError(f"backend='triton' needs CUDA tensors (got {device}), or CPU tensors "
                          "with TRITON_INTERPRET=1 set before triton is imported")
+    if backend == "native":
+        from . import native_engine
+
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' needs CPU tensors (got {device}); use "
+                             "backend='auto'")
+        reason = native_engine.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend='native' cannot run: {reason}; use backend='torch'")
     supported = engine(backend).supported_dtypes
     for name, dtype in dtypes:
         if dtype not in supported:
@@ -64,3 +83,24 @@ def resolve(backend: str, device: torch.device, dtypes=()) -> str:
             raise ValueError(f"backend={backend!r} supports {names}; {name} is {dtype} "
                              "(use backend='torch')")
     return backend
+
+
+_warned_native = False
+
+
+def _native_for_auto() -> bool:
+    """Whether ``"auto"`` takes the native engine on a CPU; the first time it cannot be built,
+    one warning says why (``WMSS_NATIVE=0`` turns it off silently)."""
+    global _warned_native
+    from . import native_engine
+
+    if native_engine.disabled():
+        return False
+    reason = native_engine.unavailable_reason()
+    if reason is None:
+        return True
+    if not _warned_native:
+        _warned_native = True
+        warnings.warn(f"wmss: the native CPU engine is unavailable ({reason}); backend='auto' "
+                      "uses 'torch' on CPUs", RuntimeWarning, stacklevel=3)
+    return False

@@ -1,0 +1,665 @@
+// The native CPU engine of wmss: the fused mixed-logit cross-entropy, its gradients and one
+// model's logit statistics, block by block, without the [tokens, vocab] logits.
+//
+// The algorithm is wmss/loss/engines/torch_engine.py's (docs/design.md section 2): the vocabulary
+// is cut into `vocab_block` columns (outer loop, so each weight block is converted once) and the
+// tokens into `token_block` rows. For each block the library's BLAS (ATen's matrix product: MKL
+// here) writes the raw logits a = h W^T; then ONE pass per row adds the bias, applies the
+// soft-cap, forms the mixture and folds all three distributions into their online (m, s, t)
+// statistics -- or, in the backward, turns the recomputed logits into the logit gradients in
+// place (softmax, one-hot, gap-masking term, cap slope), which two more products turn into dh and
+// dW.
+//
+// Threads: OpenMP (at::parallel_for) shares out the token blocks of each vocabulary block, each
+// thread running its blocks' products (single-threaded BLAS inside the parallel region) and row
+// passes. One parallel region per vocabulary block, not per operation: on a busy machine a
+// descheduled thread then stalls the others once per vocabulary block, not at every product and
+// pass (measured on 2 shared cores: fine-grained threading was 3x slower than this). The
+// backward's dW and db for a vocabulary block are summed per thread and the threads' partial
+// sums added in thread order: deterministic for a given thread count.
+//
+// Precision: logits, statistics and accumulators are float32, or float64 when either model is
+// float64 (both models then in float64), as on the torch engine. Half-precision operands are
+// converted to the compute dtype block by block (a [token_block, d] or [vocab_block, d] copy).
+//
+// Memory besides the inputs, the O(N) statistics and the gradients: per thread two
+// [token_block, vocab_block] blocks in the compute dtype and, in the backward, a
+// [vocab_block, d] weight-gradient partial sum per trained model; one converted weight block per
+// model.
+//
+// Registered as the torch custom ops wmss_native::mixed_forward, ::mixed_backward and
+// ::single_stats; their fake (meta) implementations are in wmss/loss/engines/native_engine.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "elementwise.h"
+
+namespace wmss_native {
+
+using at::Tensor;
+
+// Token blocks per task of the OpenMP loop: each is a few matrix products' worth of work.
+constexpr int64_t BLOCK_GRAIN = 1;
+
+// at::parallel_for over token blocks with the caller's thread-local state (grad mode, the
+// dispatcher's excluded keys) in every worker: ATen ops run there, and worker threads do not
+// inherit it.
+template <typename F>
+void for_token_blocks(int64_t num_tokens, int64_t token_block, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, (num_tokens + token_block - 1) / token_block, BLOCK_GRAIN,
+                   [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard guard(state);
+    f(first, last);
+  });
+}
+
+// One scratch tensor per thread that at::parallel_for may run (indexed by at::get_thread_num()).
+std::vector<Tensor> per_thread(at::IntArrayRef shape, const at::TensorOptions& options) {
+  std::vector<Tensor> buffers;
+  for (int i = 0; i < at::get_num_threads(); ++i) buffers.push_back(at::empty(shape, options));
+  return buffers;
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+at::ScalarType compute_type(const Tensor& a, const Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
+                                                                             : at::kFloat;
+}
+
+// One model's lm head as the loops read it: the tensors in their own dtypes and strides (each
+// block is made contiguous when taken, so a strided input costs block-sized copies, not a copy of
+// the whole input).
+struct Head {
+  Tensor hidden;  // [N, d]
+  Tensor weight;  // [V, d]
+  Tensor bias;    // [V], or undefined
+  at::ScalarType compute;
+
+  // Detached: the products run in worker threads, whose autograd state is their own.
+  Head(const Tensor& h, const Tensor& w, const std::optional<Tensor>& b, at::ScalarType c)
+      : hidden(h.detach()), weight(w.detach()), compute(c) {
+    if (b.has_value() && b->defined()) bias = b->detach();
+  }
+
+  // The weight rows [v0, v0 + count) in the compute dtype ([count, d], contiguous; no copy when
+  // the weight is in the compute dtype already).
+  Tensor weight_block(int64_t v0, int64_t count) const {
+    return weight.narrow(0, v0, count).to(compute).contiguous();
+  }
+
+  // The bias of those rows in the compute dtype, zeros without a bias (adding 0 is exact, so
+  // one loop serves both cases).
+  Tensor bias_block(int64_t v0, int64_t count) const {
+    if (!bias.defined()) return at::zeros({count}, weight.options().dtype(compute));
+    return bias.narrow(0, v0, count).to(compute).contiguous();
+  }
+
+  Tensor hidden_block(int64_t n0, int64_t count) const {
+    return hidden.narrow(0, n0, count).to(compute).contiguous();
+  }
+};
+
+// A contiguous [rows, cols] view at the start of a block buffer (the last blocks are smaller).
+Tensor block_view(const Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// The raw logits a = h W^T of one block, written into `out` ([rows, cols], compute dtype).
+void logits_into(Tensor& out, const Tensor& hidden_block, const Tensor& weight_block) {
+  at::mm_out(out, hidden_block, weight_block.t());
+}
+
+// Column of a label inside the vocabulary block [v0, v0 + count), or -1.
+inline int64_t local_column(int64_t label, int64_t v0, int64_t count) {
+  return (label >= v0 && label < v0 + count) ? label - v0 : -1;
+}
+
+// ---- forward: both models and the mixture --------------------------------------------------
+
+template <typename T>
+struct PairState {
+  std::vector<Online<T>> strong, weak, mix;
+  std::vector<T> target_strong, target_weak, target_mix;  // z[y] of each distribution
+
+  explicit PairState(int64_t n)
+      : strong(n), weak(n), mix(n), target_strong(n, T(0)), target_weak(n, T(0)),
+        target_mix(n, T(0)) {}
+};
+
+// One row of a block: a_s, a_w (raw logits, overwritten by the capped ones); folds the row into
+// the token's statistics. The mixture is formed twice (for its maximum, then for its exps)
+// rather than stored: the same arithmetic on the same values, so the same logits.
+template <typename T, bool CAP>
+void fold_pair_row(T* zs, T* zw, const T* bs, const T* bw, int64_t count, T cap, T lam,
+                   T one_minus_lam, int64_t column, PairState<T>& state, int64_t n) {
+  T max_s = T(MASKED_LOGIT), max_w = T(MASKED_LOGIT), max_m = T(MASKED_LOGIT);
+#pragma omp simd reduction(max : max_s, max_w, max_m)
+  for (int64_t v = 0; v < count; ++v) {
+    const T a_s = zs[v] + bs[v];
+    const T a_w = zw[v] + bw[v];
+    const T z_s = CAP ? soft_cap(a_s, cap) : a_s;
+    const T z_w = CAP ? soft_cap(a_w, cap) : a_w;
+    const T z_m = mix(z_s, z_w, lam, one_minus_lam);
+    zs[v] = z_s;
+    zw[v] = z_w;
+    max_s = z_s > max_s ? z_s : max_s;
+    max_w = z_w > max_w ? z_w : max_w;
+    max_m = z_m > max_m ? z_m : max_m;
+  }
+  T sum_s = 0, t_s = 0, sum_w = 0, t_w = 0, sum_m = 0;
+#pragma omp simd reduction(+ : sum_s, t_s, sum_w, t_w, sum_m)
+  for (int64_t v = 0; v < count; ++v) {
+    const T x_s = zs[v] - max_s;
+    const T x_w = zw[v] - max_w;
+    const T e_s = exp_(x_s);
+    const T e_w = exp_(x_w);
+    sum_s += e_s;
+    t_s += e_s * x_s;
+    sum_w += e_w;
+    t_w += e_w * x_w;
+    sum_m += exp_(mix(zs[v], zw[v], lam, one_minus_lam) - max_m);
+  }
+  state.strong[n].merge(max_s, sum_s, t_s);
+  state.weak[n].merge(max_w, sum_w, t_w);
+  state.mix[n].merge(max_m, sum_m, T(0));
+  if (column >= 0) {
+    state.target_strong[n] = zs[column];
+    state.target_weak[n] = zw[column];
+    state.target_mix[n] = mix(zs[column], zw[column], lam, one_minus_lam);
+  }
+}
+
+template <typename T>
+std::vector<Tensor> mixed_forward_impl(const Head& strong, const Head& weak, const Tensor& labels,
+                                       double lam_, std::optional<double> softcap,
+                                       std::optional<double> gap_threshold, int64_t ignore_index,
+                                       int64_t token_block, int64_t vocab_block) {
+  const int64_t num_tokens = labels.size(0), vocab = strong.weight.size(0);
+  const auto options = labels.options().dtype(strong.compute);
+  const T lam = T(lam_), one_minus_lam = T(1.0 - lam_);
+  const T cap = softcap.has_value() ? T(*softcap) : T(1);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  PairState<T> state(num_tokens);
+
+  const int64_t rows_max = std::min(token_block, std::max<int64_t>(num_tokens, 1));
+  const int64_t cols_max = std::min(vocab_block, vocab);
+  const std::vector<Tensor> bufs_s = per_thread({rows_max, cols_max}, options);
+  const std::vector<Tensor> bufs_w = per_thread({rows_max, cols_max}, options);
+
+  for (int64_t v0 = 0; v0 < vocab && num_tokens > 0; v0 += vocab_block) {
+    const int64_t cols = std::min(vocab_block, vocab - v0);
+    const Tensor w_s = strong.weight_block(v0, cols), w_w = weak.weight_block(v0, cols);
+    const Tensor b_s = strong.bias_block(v0, cols), b_w = weak.bias_block(v0, cols);
+    const T* bs = b_s.data_ptr<T>();
+    const T* bw = b_w.data_ptr<T>();
+    for_token_blocks(num_tokens, token_block, [&](int64_t first, int64_t last) {
+      const int tid = at::get_thread_num();
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t n0 = block * token_block, rows = std::min(token_block, num_tokens - n0);
+        Tensor z_s = block_view(bufs_s[tid], rows, cols), z_w = block_view(bufs_w[tid], rows, cols);
+        logits_into(z_s, strong.hidden_block(n0, rows), w_s);
+        logits_into(z_w, weak.hidden_block(n0, rows), w_w);
+        T* zs = z_s.data_ptr<T>();
+        T* zw = z_w.data_ptr<T>();
+        dispatch_bool(softcap.has_value(), [&](auto capped) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t n = n0 + r;
+            fold_pair_row<T, decltype(capped)::value>(
+                zs + r * cols, zw + r * cols, bs, bw, cols, cap, lam,
+                one_minus_lam, local_column(y[n], v0, cols), state, n);
+          }
+        });
+      }
+    });
+  }
+
+  std::vector<Tensor> out;
+  for (int i = 0; i < 10; ++i) out.push_back(at::empty({num_tokens}, options));
+  Tensor mixed = at::empty({num_tokens}, labels.options().dtype(at::kBool));
+  T* loss = out[0].data_ptr<T>();
+  T *max_s = out[1].data_ptr<T>(), *logsum_s = out[2].data_ptr<T>();
+  T *max_m = out[3].data_ptr<T>(), *logsum_m = out[4].data_ptr<T>();
+  T *ent_s = out[5].data_ptr<T>(), *ent_w = out[6].data_ptr<T>();
+  T *lp_s = out[7].data_ptr<T>(), *lp_w = out[8].data_ptr<T>(), *lp_m = out[9].data_ptr<T>();
+  bool* is_mixed = mixed.data_ptr<bool>();
+  for (int64_t n = 0; n < num_tokens; ++n) {
+    const Online<T>& s = state.strong[n];
+    const Online<T>& w = state.weak[n];
+    const Online<T>& m = state.mix[n];
+    const T log_s = std::log(s.s), log_w = std::log(w.s), log_m = std::log(m.s);
+    const T h_s = log_s - s.t / s.s, h_w = log_w - w.t / w.s;
+    // (z[y] - m) is exact near the maximum; log s is kept apart (docs/design.md 2.1).
+    const T logp_s = (state.target_strong[n] - s.m) - log_s;
+    const T logp_w = (state.target_weak[n] - w.m) - log_w;
+    const T logp_m = (state.target_mix[n] - m.m) - log_m;
+    const bool supervised = y[n] != ignore_index;
+    bool mixes = supervised;
+    if (gap_threshold.has_value()) mixes = mixes && (h_w - h_s) >= T(*gap_threshold);
+    loss[n] = mixes ? -logp_m : (supervised ? -logp_s : T(0));
+    max_s[n] = s.m;
+    logsum_s[n] = log_s;
+    max_m[n] = m.m;
+    logsum_m[n] = log_m;
+    ent_s[n] = supervised ? h_s : T(0);
+    ent_w[n] = supervised ? h_w : T(0);
+    lp_s[n] = supervised ? logp_s : T(0);
+    lp_w[n] = supervised ? logp_w : T(0);
+    lp_m[n] = supervised ? logp_m : T(0);
+    is_mixed[n] = mixes;
+  }
+  out.push_back(mixed);
+  return out;
+}
+
+// ---- one model's statistics (token_entropy) --------------------------------------------------
+
+template <typename T, bool CAP>
+void fold_single_row(T* z, const T* b, int64_t count, T cap, int64_t column, Online<T>& state,
+                     T& target) {
+  T top = T(MASKED_LOGIT);
+#pragma omp simd reduction(max : top)
+  for (int64_t v = 0; v < count; ++v) {
+    const T a = z[v] + b[v];
+    const T capped = CAP ? soft_cap(a, cap) : a;
+    z[v] = capped;
+    top = capped > top ? capped : top;
+  }
+  T sum = 0, t = 0;
+#pragma omp simd reduction(+ : sum, t)
+  for (int64_t v = 0; v < count; ++v) {
+    const T x = z[v] - top;
+    const T e = exp_(x);
+    sum += e;
+    t += e * x;
+  }
+  state.merge(top, sum, t);
+  if (column >= 0) target = z[column];
+}
+
+template <typename T>
+std::vector<Tensor> single_stats_impl(const Head& head, const Tensor& labels,
+                                      std::optional<double> softcap, int64_t ignore_index,
+                                      int64_t token_block, int64_t vocab_block) {
+  const int64_t num_tokens = labels.size(0), vocab = head.weight.size(0);
+  const auto options = labels.options().dtype(head.compute);
+  const T cap = softcap.has_value() ? T(*softcap) : T(1);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  std::vector<Online<T>> state(num_tokens);
+  std::vector<T> target(num_tokens, T(0));
+  const int64_t rows_max = std::min(token_block, std::max<int64_t>(num_tokens, 1));
+  const std::vector<Tensor> buffers =
+      per_thread({rows_max, std::min(vocab_block, vocab)}, options);
+  for (int64_t v0 = 0; v0 < vocab && num_tokens > 0; v0 += vocab_block) {
+    const int64_t cols = std::min(vocab_block, vocab - v0);
+    const Tensor w = head.weight_block(v0, cols), b = head.bias_block(v0, cols);
+    const T* bp = b.data_ptr<T>();
+    for_token_blocks(num_tokens, token_block, [&](int64_t first, int64_t last) {
+      const int tid = at::get_thread_num();
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t n0 = block * token_block, rows = std::min(token_block, num_tokens - n0);
+        Tensor z = block_view(buffers[tid], rows, cols);
+        logits_into(z, head.hidden_block(n0, rows), w);
+        T* zp = z.data_ptr<T>();
+        dispatch_bool(softcap.has_value(), [&](auto capped) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t n = n0 + r;
+            fold_single_row<T, decltype(capped)::value>(zp + r * cols, bp, cols, cap,
+                                                        local_column(y[n], v0, cols), state[n],
+                                                        target[n]);
+          }
+        });
+      }
+    });
+  }
+  Tensor entropy = at::empty({num_tokens}, options), lse = at::empty({num_tokens}, options);
+  Tensor logprob = at::empty({num_tokens}, options);
+  T *ent = entropy.data_ptr<T>(), *l = lse.data_ptr<T>(), *lp = logprob.data_ptr<T>();
+  for (int64_t n = 0; n < num_tokens; ++n) {
+    const Online<T>& s = state[n];
+    const T log_s = std::log(s.s);
+    const bool supervised = y[n] != ignore_index;
+    ent[n] = supervised ? log_s - s.t / s.s : T(0);
+    l[n] = s.m + log_s;
+    lp[n] = supervised ? (target[n] - s.m) - log_s : T(0);
+  }
+  return {entropy, lse, logprob};
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+// One row's logit gradients dL/da of both models, written over the raw logits a_s, a_w:
+//   g = c_mix (softmax(z_m) - onehot),  dz_s = lam g + c_strong (softmax(z_s) - onehot),
+//   dz_w = (1 - lam) g,  dL/da = dz * sech^2(a / cap) with a cap (docs/design.md 1.1).
+// MIX / STRONG: whether the row has a mixed-loss / plain-strong coefficient (a token has one
+// or the other, or none when ignored), so each row computes only the exps it needs.
+template <typename T, bool CAP, bool MIX, bool STRONG>
+void grad_row(T* zs, T* zw, const T* bs, const T* bw, int64_t count, T cap, T lam,
+              T one_minus_lam, int64_t column, T max_s, T logsum_s, T max_m, T logsum_m,
+              T c_mix, T c_strong) {
+#pragma omp simd
+  for (int64_t v = 0; v < count; ++v) {
+    const T a_s = zs[v] + bs[v];
+    const T a_w = zw[v] + bw[v];
+    const T z_s = CAP ? soft_cap(a_s, cap) : a_s;
+    const T z_w = CAP ? soft_cap(a_w, cap) : a_w;
+    const T onehot = v == column ? T(1) : T(0);
+    T g = T(0);
+    if (MIX) g = c_mix * (exp_((mix(z_s, z_w, lam, one_minus_lam) - max_m) - logsum_m) - onehot);
+    T g_s = lam * g;
+    if (STRONG) g_s += c_strong * (exp_((z_s - max_s) - logsum_s) - onehot);
+    T g_w = one_minus_lam * g;
+    if (CAP) {
+      g_s *= soft_cap_slope(a_s, cap);
+      g_w *= soft_cap_slope(a_w, cap);
+    }
+    zs[v] = g_s;
+    zw[v] = g_w;
+  }
+}
+
+// One model's gradient outputs and the per-thread partial sums of a vocabulary block behind them.
+struct Grads {
+  bool hidden = false, weight = false, bias = false;
+  Tensor d_hidden;  // [N, d] compute dtype (the autograd layer casts it); rows owned by a thread
+  Tensor d_weight;  // [V, d] in the weight's dtype, each block written once
+  Tensor d_bias;    // [V] in the bias's dtype, each block written once
+  // Per thread: the current vocabulary block's dW and db partial sums (compute dtype), and
+  // whether the thread had a token block of it.
+  std::vector<Tensor> weight_parts, bias_parts;
+  std::vector<char> used;
+
+  bool any() const { return hidden || weight || bias; }
+
+  Grads(const Head& head, bool h, bool w, bool b, int64_t vocab_block)
+      : hidden(h), weight(w), bias(b), used(at::get_num_threads(), 0) {
+    const auto compute = head.weight.options().dtype(head.compute);
+    const int64_t cols = std::min(vocab_block, head.weight.size(0));
+    if (hidden) d_hidden = at::zeros(head.hidden.sizes(), compute);
+    if (weight) {
+      d_weight = at::empty(head.weight.sizes(), head.weight.options());
+      weight_parts = per_thread({cols, head.weight.size(1)}, compute);
+    }
+    if (bias) {
+      d_bias = at::empty({head.weight.size(0)}, head.bias.defined() ? head.bias.options()
+                                                                     : head.weight.options());
+      bias_parts = per_thread({cols}, compute);
+    }
+  }
+
+  void start_block() { std::fill(used.begin(), used.end(), 0); }
+
+  // A thread's first token block of this vocabulary block: its partial sums start at 0.
+  void start_thread(int tid, int64_t cols) {
+    used[tid] = 1;
+    if (weight) block_view(weight_parts[tid], cols, weight_parts[tid].size(1)).zero_();
+    if (bias) bias_parts[tid].narrow(0, 0, cols).zero_();
+  }
+
+  // Add one [rows, cols] block's dL/da: dh += G W, dW += G^T h, db += sum over rows of G.
+  template <typename T>
+  void accumulate(int tid, const Tensor& g, const Tensor& w_block, const Head& head, int64_t n0) {
+    const int64_t rows = g.size(0), cols = g.size(1);
+    if (hidden) d_hidden.narrow(0, n0, rows).addmm_(g, w_block);
+    if (weight) {
+      Tensor part = block_view(weight_parts[tid], cols, weight_parts[tid].size(1));
+      part.addmm_(g.t(), head.hidden_block(n0, rows));
+    }
+    if (bias) {
+      const T* gp = g.data_ptr<T>();
+      T* part = bias_parts[tid].data_ptr<T>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = gp + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) part[c] += row[c];
+      }
+    }
+  }
+
+  // The threads' partial sums, added in thread order, written to the block of the outputs.
+  void finish_block(int64_t v0, int64_t cols) {
+    auto total = [&](const std::vector<Tensor>& parts, auto view) {
+      Tensor sum;
+      for (size_t tid = 0; tid < parts.size(); ++tid) {
+        if (!used[tid]) continue;
+        sum = sum.defined() ? sum.add_(view(parts[tid])) : view(parts[tid]);
+      }
+      return sum;
+    };
+    if (weight) {
+      const int64_t d = weight_parts[0].size(1);
+      Tensor sum = total(weight_parts, [&](const Tensor& t) { return block_view(t, cols, d); });
+      d_weight.narrow(0, v0, cols).copy_(sum);
+    }
+    if (bias) {
+      Tensor sum = total(bias_parts, [&](const Tensor& t) { return t.narrow(0, 0, cols); });
+      d_bias.narrow(0, v0, cols).copy_(sum);
+    }
+  }
+
+  // The three outputs; a gradient not requested is an empty tensor of the compute dtype (each
+  // its own: outputs of an op must not alias one another).
+  void outputs(std::vector<Tensor>& out, const Head& head) const {
+    const auto empty = [&] { return at::empty({0}, head.weight.options().dtype(head.compute)); };
+    out.push_back(hidden ? d_hidden : empty());
+    out.push_back(weight ? d_weight : empty());
+    out.push_back(bias ? d_bias : empty());
+  }
+};
+
+template <typename T>
+std::vector<Tensor> mixed_backward_impl(const Head& strong, const Head& weak,
+                                        const Tensor& labels, const Tensor& max_strong_,
+                                        const Tensor& logsum_strong_, const Tensor& max_mix_,
+                                        const Tensor& logsum_mix_, const Tensor& coef_mix_,
+                                        const std::optional<Tensor>& coef_strong_, double lam_,
+                                        std::optional<double> softcap,
+                                        const std::vector<bool>& requests, int64_t token_block,
+                                        int64_t vocab_block) {
+  const int64_t num_tokens = labels.size(0), vocab = strong.weight.size(0);
+  const auto options = labels.options().dtype(strong.compute);
+  const T lam = T(lam_), one_minus_lam = T(1.0 - lam_);
+  const T cap = softcap.has_value() ? T(*softcap) : T(1);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  auto stat = [&](const Tensor& t) { return t.to(strong.compute).contiguous(); };
+  const Tensor max_strong = stat(max_strong_), logsum_strong = stat(logsum_strong_);
+  const Tensor max_mix = stat(max_mix_), logsum_mix = stat(logsum_mix_);
+  const Tensor coef_mix = stat(coef_mix_);
+  const bool gap = coef_strong_.has_value() && coef_strong_->defined();
+  const Tensor coef_strong = gap ? stat(*coef_strong_) : Tensor();
+  const T *mx_s = max_strong.data_ptr<T>(), *ls_s = logsum_strong.data_ptr<T>();
+  const T *mx_m = max_mix.data_ptr<T>(), *ls_m = logsum_mix.data_ptr<T>();
+  const T* c_mix = coef_mix.data_ptr<T>();
+  const T* c_strong = gap ? coef_strong.data_ptr<T>() : nullptr;
+
+  Grads grads_s(strong, requests[0], requests[1], requests[2], vocab_block);
+  Grads grads_w(weak, requests[3], requests[4], requests[5], vocab_block);
+  if (num_tokens > 0 && (grads_s.any() || grads_w.any())) {
+    const int64_t rows_max = std::min(token_block, num_tokens);
+    const int64_t cols_max = std::min(vocab_block, vocab);
+    const std::vector<Tensor> bufs_s = per_thread({rows_max, cols_max}, options);
+    const std::vector<Tensor> bufs_w = per_thread({rows_max, cols_max}, options);
+    for (int64_t v0 = 0; v0 < vocab; v0 += vocab_block) {
+      const int64_t cols = std::min(vocab_block, vocab - v0);
+      const Tensor w_s = strong.weight_block(v0, cols), w_w = weak.weight_block(v0, cols);
+      const Tensor b_s = strong.bias_block(v0, cols), b_w = weak.bias_block(v0, cols);
+      const T* bs = b_s.data_ptr<T>();
+      const T* bw = b_w.data_ptr<T>();
+      grads_s.start_block();
+      grads_w.start_block();
+      for_token_blocks(num_tokens, token_block, [&](int64_t first, int64_t last) {
+        const int tid = at::get_thread_num();
+        grads_s.start_thread(tid, cols);
+        grads_w.start_thread(tid, cols);
+        for (int64_t block = first; block < last; ++block) {
+          const int64_t n0 = block * token_block, rows = std::min(token_block, num_tokens - n0);
+          Tensor g_s = block_view(bufs_s[tid], rows, cols);
+          Tensor g_w = block_view(bufs_w[tid], rows, cols);
+          logits_into(g_s, strong.hidden_block(n0, rows), w_s);
+          logits_into(g_w, weak.hidden_block(n0, rows), w_w);
+          T* zs = g_s.data_ptr<T>();
+          T* zw = g_w.data_ptr<T>();
+          dispatch_bool(softcap.has_value(), [&](auto capped) {
+            constexpr bool CAP = decltype(capped)::value;
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t n = n0 + r;
+              const T cm = c_mix[n], cs = gap ? c_strong[n] : T(0);
+              T* row_s = zs + r * cols;
+              T* row_w = zw + r * cols;
+              const int64_t column = local_column(y[n], v0, cols);
+              auto run = [&](auto mixes, auto strongs) {
+                grad_row<T, CAP, decltype(mixes)::value, decltype(strongs)::value>(
+                    row_s, row_w, bs, bw, cols, cap, lam, one_minus_lam, column, mx_s[n],
+                    ls_s[n], mx_m[n], ls_m[n], cm, cs);
+              };
+              if (cm != T(0) && cs != T(0)) {
+                run(std::true_type{}, std::true_type{});
+              } else if (cm != T(0)) {
+                run(std::true_type{}, std::false_type{});
+              } else if (cs != T(0)) {
+                run(std::false_type{}, std::true_type{});
+              } else {  // an ignored token (or a zero upstream gradient): no gradient
+                std::fill(row_s, row_s + cols, T(0));
+                std::fill(row_w, row_w + cols, T(0));
+              }
+            }
+          });
+          if (grads_s.any()) grads_s.accumulate<T>(tid, g_s, w_s, strong, n0);
+          if (grads_w.any()) grads_w.accumulate<T>(tid, g_w, w_w, weak, n0);
+        }
+      });
+      grads_s.finish_block(v0, cols);
+      grads_w.finish_block(v0, cols);
+    }
+  } else {
+    // Nothing to accumulate: requested gradients are zeros.
+    for (Grads* g : {&grads_s, &grads_w}) {
+      if (g->weight) g->d_weight.zero_();
+      if (g->bias) g->d_bias.zero_();
+    }
+  }
+  std::vector<Tensor> out;
+  grads_s.outputs(out, strong);
+  grads_w.outputs(out, weak);
+  return out;
+}
+
+// ---- the ops -------------------------------------------------------------------------------
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "wmss_native: ", name, " must be a CPU tensor, got ",
+              t.device());
+}
+
+void check_blocks(int64_t token_block, int64_t vocab_block) {
+  TORCH_CHECK(token_block > 0 && vocab_block > 0,
+              "wmss_native: token_block and vocab_block must be positive");
+}
+
+std::vector<Tensor> mixed_forward(const Tensor& strong_hidden, const Tensor& strong_weight,
+                                  const std::optional<Tensor>& strong_bias,
+                                  const Tensor& weak_hidden, const Tensor& weak_weight,
+                                  const std::optional<Tensor>& weak_bias, const Tensor& labels,
+                                  double lam, std::optional<double> softcap,
+                                  std::optional<double> gap_threshold, int64_t ignore_index,
+                                  int64_t token_block, int64_t vocab_block) {
+  check_cpu(strong_hidden, "strong_hidden");
+  check_cpu(weak_hidden, "weak_hidden");
+  check_blocks(token_block, vocab_block);
+  const auto compute = compute_type(strong_hidden, weak_hidden);
+  const Head strong(strong_hidden, strong_weight, strong_bias, compute);
+  const Head weak(weak_hidden, weak_weight, weak_bias, compute);
+  const Tensor y = labels.to(at::kLong).contiguous();
+  if (compute == at::kDouble) {
+    return mixed_forward_impl<double>(strong, weak, y, lam, softcap, gap_threshold, ignore_index,
+                                      token_block, vocab_block);
+  }
+  return mixed_forward_impl<float>(strong, weak, y, lam, softcap, gap_threshold, ignore_index,
+                                   token_block, vocab_block);
+}
+
+std::vector<Tensor> single_stats(const Tensor& hidden, const Tensor& weight,
+                                 const std::optional<Tensor>& bias, const Tensor& labels,
+                                 std::optional<double> softcap, int64_t ignore_index,
+                                 int64_t token_block, int64_t vocab_block) {
+  check_cpu(hidden, "hidden");
+  check_blocks(token_block, vocab_block);
+  const auto compute = compute_type(hidden, hidden);
+  const Head head(hidden, weight, bias, compute);
+  const Tensor y = labels.to(at::kLong).contiguous();
+  if (compute == at::kDouble) {
+    return single_stats_impl<double>(head, y, softcap, ignore_index, token_block, vocab_block);
+  }
+  return single_stats_impl<float>(head, y, softcap, ignore_index, token_block, vocab_block);
+}
+
+std::vector<Tensor> mixed_backward(
+    const Tensor& strong_hidden, const Tensor& strong_weight,
+    const std::optional<Tensor>& strong_bias, const Tensor& weak_hidden,
+    const Tensor& weak_weight, const std::optional<Tensor>& weak_bias, const Tensor& labels,
+    const Tensor& max_strong, const Tensor& logsum_strong, const Tensor& max_mix,
+    const Tensor& logsum_mix, const Tensor& coef_mix, const std::optional<Tensor>& coef_strong,
+    double lam, std::optional<double> softcap, c10::List<bool> requests, int64_t token_block,
+    int64_t vocab_block) {
+  check_cpu(strong_hidden, "strong_hidden");
+  check_cpu(weak_hidden, "weak_hidden");
+  check_blocks(token_block, vocab_block);
+  TORCH_CHECK(requests.size() == 6,
+              "wmss_native: requests holds (hidden, weight, bias) for each model, got ",
+              requests.size());
+  std::vector<bool> wanted;
+  for (size_t i = 0; i < requests.size(); ++i) wanted.push_back(requests.get(i));
+  const auto compute = compute_type(strong_hidden, weak_hidden);
+  const Head strong(strong_hidden, strong_weight, strong_bias, compute);
+  const Head weak(weak_hidden, weak_weight, weak_bias, compute);
+  TORCH_CHECK(!(wanted[2] && !strong.bias.defined()) && !(wanted[5] && !weak.bias.defined()),
+              "wmss_native: a bias gradient was requested for a model without a bias");
+  const Tensor y = labels.to(at::kLong).contiguous();
+  if (compute == at::kDouble) {
+    return mixed_backward_impl<double>(strong, weak, y, max_strong, logsum_strong, max_mix,
+                                       logsum_mix, coef_mix, coef_strong, lam, softcap, wanted,
+                                       token_block, vocab_block);
+  }
+  return mixed_backward_impl<float>(strong, weak, y, max_strong, logsum_strong, max_mix,
+                                    logsum_mix, coef_mix, coef_strong, lam, softcap, wanted,
+                                    token_block, vocab_block);
+}
+
+}  // namespace wmss_native
+
+TORCH_LIBRARY(wmss_native, m) {
+  m.def("mixed_forward(Tensor strong_hidden, Tensor strong_weight, Tensor? strong_bias, "
+        "Tensor weak_hidden, Tensor weak_weight, Tensor? weak_bias, Tensor labels, float lam, "
+        "float? softcap, float? gap_threshold, int ignore_index, int token_block, "
+        "int vocab_block) -> Tensor[]");
+  m.def("single_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+        "float? softcap, int ignore_index, int token_block, int vocab_block) -> Tensor[]");
+  m.def("mixed_backward(Tensor strong_hidden, Tensor strong_weight, Tensor? strong_bias, "
+        "Tensor weak_hidden, Tensor weak_weight, Tensor? weak_bias, Tensor labels, "
+        "Tensor max_strong, Tensor logsum_strong, Tensor max_mix, Tensor logsum_mix, "
+        "Tensor coef_mix, Tensor? coef_strong, float lam, float? softcap, bool[] requests, "
+        "int token_block, int vocab_block) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(wmss_native, CPU, m) {
+  m.impl("mixed_forward", &wmss_native::mixed_forward);
+  m.impl("single_stats", &wmss_native::single_stats);
+  m.impl("mixed_backward", &wmss_native::mixed_backward);
+}

@@ -1,0 +1,371 @@
+"""The native CPU engine (``csrc/``, ``backend="native"``): every result against the float64
+truth, how ``"auto"`` chooses it, its fallback when it cannot be built, its memory bound and its
+custom ops under ``torch.compile``."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close, make_inputs, relative_error
+from oracle import truth
+from test_fused_loss import (
+    FLOAT64_PAIRS,
+    LOW_PRECISION_STRONG_PAIRS,
+    OPTIONS,
+    PAIR_OPTIONS,
+    SOFTCAPS,
+    STAT_FIELDS,
+    TOLERANCES,
+    check_against_truth,
+    run,
+)
+
+import wmss
+from wmss.loss import engines
+from wmss.loss.engines import native_engine
+from wmss.loss.engines.contract import MixedLossSpec, ModelInputs
+
+pytestmark = [
+    pytest.mark.skipif(DEVICE.type != "cpu", reason="the native engine runs on CPUs"),
+    pytest.mark.skipif(not native_engine.available(),
+                       reason=f"native engine unavailable: {native_engine.unavailable_reason()}"),
+]
+
+# Blocks smaller than the test shapes (39 tokens, vocabulary 300) and dividing neither: several
+# token and vocabulary blocks, the last ones partial, so statistics merge across blocks.
+SMALL_BLOCKS = {"token_block": 16, "vocab_block": 64}
+
+
+@pytest.fixture(params=["default-blocks", "small-blocks"])
+def blocks(request, monkeypatch):
+    """Runs a test with the engine's own block shape, then with blocks smaller than its inputs."""
+    if request.param == "small-blocks":
+        for name, value in SMALL_BLOCKS.items():
+            monkeypatch.setattr(engines.engine("native"), name, value)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_loss_gradients_and_stats_match_float64(options, dtype, blocks):
+    options = dict(options)
+    inputs, labels = make_inputs(dtype=dtype, bias=options.pop("bias", False))
+    upstream = torch.rand(labels.shape)
+    check_against_truth(inputs, labels, "native", dtype, upstream=upstream, **options)
+
+
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_float64_inputs_give_float64_accurate_results(options, blocks):
+    options = dict(options)
+    inputs, labels = make_inputs(dtype=torch.float64, bias=options.pop("bias", False))
+    upstream = torch.rand(labels.shape, dtype=torch.float64)
+    check_against_truth(inputs, labels, "native", torch.float64, upstream=upstream, **options)
+
+
+def test_float16_matches_float64(blocks):
+    inputs, labels = make_inputs(dtype=torch.float16, bias=True)
+    check_against_truth(inputs, labels, "native", torch.float16, softcap=5.0,
+                        gap_threshold=0.0)
+
+
+@pytest.mark.parametrize("pair", [*FLOAT64_PAIRS.values(), *LOW_PRECISION_STRONG_PAIRS.values()],
+                         ids=[*FLOAT64_PAIRS, *LOW_PRECISION_STRONG_PAIRS])
+@pytest.mark.parametrize("options", list(PAIR_OPTIONS.values()), ids=list(PAIR_OPTIONS))
+def test_a_pair_of_dtypes_is_as_accurate_as_each_model(pair, options, monkeypatch):
+    """Each model keeps its own dtype (float64 for both when either is float64), each gradient
+    at its own dtype's tolerance."""
+    for name, value in SMALL_BLOCKS.items():
+        monkeypatch.setattr(engines.engine("native"), name, value)
+    strong_dtype, weak_dtype = pair
+    inputs, labels = make_inputs(bias=True)
+    inputs = {k: v.detach().to(strong_dtype if k.startswith("strong") else weak_dtype)
+              for k, v in inputs.items()}
+    lower = max(pair, key=lambda dtype: TOLERANCES[dtype])
+    check_against_truth(inputs, labels, "native", lower, **options)
+
+
+def test_extreme_logits_keep_float32_precision(blocks):
+    """|z| ~ 1e4 from exactly representable inputs (see test_fused_loss.test_extreme_logits):
+    peaked distributions and a large common offset, at float32's tolerance."""
+    shape, vocab, d = (2, 19), 300, 40
+    for offset in (0.0, 1.0e4):
+        inputs = {
+            "strong_hidden": torch.randint(-1, 2, (*shape, d)).float(),
+            "strong_weight": torch.randint(-300, 301, (vocab, d)).float(),
+            "weak_hidden": torch.randint(-1, 2, (*shape, d)).float(),
+            "weak_weight": torch.randint(-3, 4, (vocab, d)).float(),
+            "strong_bias": torch.full((vocab,), offset),
+            "weak_bias": torch.full((vocab,), -offset),
+        }
+        labels = torch.randint(0, vocab, shape)
+        labels[0, :3] = -100
+        check_against_truth(inputs, labels, "native", torch.float32, lam=0.25)
+        check_against_truth(inputs, labels, "native", torch.float32, lam=0.25,
+                            gap_threshold=0.0)
+
+
+def test_soft_capping_keeps_float32_precision_for_every_cap(blocks):
+    inputs, labels = make_inputs(bias=True, logit_scale=6.0)
+    for softcap in SOFTCAPS:
+        check_against_truth(inputs, labels, "native", torch.float32, lam=0.3, softcap=softcap)
+        check_against_truth(inputs, labels, "native", torch.float32, lam=0.3, softcap=softcap,
+                            gap_threshold=0.0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_lam_zero_and_one_are_each_models_cross_entropy(lam, blocks):
+    inputs, labels = make_inputs(bias=True)
+    check_against_truth(inputs, labels, "native", torch.float32, lam=lam, softcap=5.0)
+    loss, stats, grads = run(inputs, labels, "native", lam=lam)
+    model, other = ("strong", "weak") if lam == 1.0 else ("weak", "strong")
+    supervised = labels != -100
+    assert_close(stats.logprob_mix[supervised], getattr(stats, f"logprob_{model}")[supervised],
+                 1e-6, "logprob_mix")
+    for part in ("hidden", "weight", "bias"):
+        assert grads[f"{other}_{part}"].abs().max() == 0, f"{other}_{part}"
+
+
+@pytest.mark.parametrize("gap_threshold", [0.0, 0.05, math.inf, -math.inf])
+def test_gap_masking_trains_each_token_with_its_loss(gap_threshold, blocks):
+    inputs, labels = make_inputs(bias=True)
+    check_against_truth(inputs, labels, "native", torch.float32, lam=0.4,
+                        gap_threshold=gap_threshold)
+
+
+def test_identical_models_at_gap_threshold_zero_mix_every_supervised_token():
+    inputs, labels = make_inputs(d_weak=48, bias=True)
+    for part in ("hidden", "weight", "bias"):
+        inputs[f"weak_{part}"] = inputs[f"strong_{part}"].detach().clone().requires_grad_()
+    _, stats, _ = run(inputs, labels, "native", lam=0.3, gap_threshold=0.0)
+    assert torch.equal(stats.entropy_weak, stats.entropy_strong)  # the tie is exact
+    assert torch.equal(stats.mixed, labels != -100)
+
+
+def test_frozen_weak_model_gets_no_gradient(blocks):
+    inputs, labels = make_inputs(bias=True)
+    check_against_truth(inputs, labels, "native", torch.float32, lam=0.3, softcap=5.0,
+                        gap_threshold=0.0, train_weak=False)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch_gives_zero_loss_and_zero_gradients(reduction, blocks):
+    inputs, labels = make_inputs(ignored=1.0, bias=True)
+    loss, stats, grads = run(inputs, labels, "native", reduction=reduction, gap_threshold=0.1)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for name, grad in grads.items():
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+    for name in STAT_FIELDS:
+        assert getattr(stats, name).abs().max() == 0, name
+    assert not stats.mixed.any()
+
+
+def test_an_empty_batch_gives_zero_and_zero_gradients():
+    inputs, labels = make_inputs(shape=(0,), bias=True)
+    loss, stats, grads = run(inputs, labels, "native")
+    assert loss.item() == 0.0 and stats.mixed.shape == (0,)
+    for name, grad in grads.items():
+        assert grad.shape == inputs[name].shape and not grad.any(), name
+
+
+def test_only_requested_gradients_are_computed():
+    inputs, labels = make_inputs(bias=True)
+    expected = truth(inputs, labels, softcap=5.0)
+    count = (labels != -100).sum()
+    for wanted in (["strong_hidden"], ["weak_weight", "strong_bias"], ["weak_bias"]):
+        leaves = {k: v.detach().clone().requires_grad_(k in wanted) for k, v in inputs.items()}
+        wmss.fused_loss(**leaves, labels=labels, backend="native", softcap=5.0).backward()
+        for name, leaf in leaves.items():
+            if name in wanted:
+                assert_close(leaf.grad, expected.grads[name] / count, 1e-5, name)
+            else:
+                assert leaf.grad is None, name
+
+
+def test_sliced_and_transposed_inputs_give_the_results_of_contiguous_ones():
+    inputs, labels = make_inputs(shape=(19,), vocab=70, d_strong=24, d_weak=16, bias=True)
+    options = dict(lam=0.3, softcap=5.0, gap_threshold=0.0)
+    contiguous, _, contiguous_grads = run(inputs, labels, "native", **options)
+    views = {}
+    for name, t in inputs.items():
+        if name.endswith("hidden"):  # a column slice of wider rows
+            wide = torch.zeros(t.shape[0], t.shape[1] + 8)
+            wide[:, 3:3 + t.shape[1]] = t.detach()
+            views[name] = wide[:, 3:3 + t.shape[1]]
+        elif name.endswith("weight"):  # the transpose of a (d, V) tensor
+            views[name] = t.detach().t().contiguous().t()
+        else:  # every other element of a longer vector
+            views[name] = torch.stack([t.detach(), torch.zeros_like(t)], dim=1)[:, 0]
+        assert not views[name].is_contiguous(), name
+    loss = wmss.fused_loss(**views, labels=labels, backend="native", **options)
+    assert torch.equal(loss, contiguous)
+
+
+def test_results_are_deterministic():
+    inputs, labels = make_inputs(bias=True)
+    first, _, first_grads = run(inputs, labels, "native", gap_threshold=0.0, softcap=5.0)
+    second, _, second_grads = run(inputs, labels, "native", gap_threshold=0.0, softcap=5.0)
+    assert torch.equal(first, second)
+    for name in first_grads:
+        assert torch.equal(first_grads[name], second_grads[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_gradients_are_as_accurate_as_their_dtype(dtype):
+    """As test_fused_loss's test for the other fused backends: each gradient within 2.5x the
+    error of the exact gradient rounded once to the input dtype, up to 2^16 items."""
+    inputs, labels = make_inputs(shape=(4, 37), vocab=1000, d_strong=72, d_weak=40, dtype=dtype,
+                                 bias=True, ignored=0.1)
+    count = int((labels != -100).sum())
+    for num_items in (None, 2**16):
+        denominator = count if num_items is None else num_items
+        upstream = torch.full(labels.shape, 1.0 / denominator, dtype=torch.float64)
+        expected = truth(inputs, labels, upstream=upstream)
+        _, _, grads = run(inputs, labels, "native", num_items_in_batch=num_items)
+        for name, grad in grads.items():
+            want = expected.grads[name]
+            rounding = float((want.to(dtype).double() - want).norm() / want.norm())
+            assert relative_error(grad, want) <= 2.5 * rounding, (num_items, name)
+
+
+# ---- token_entropy --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_token_entropy_matches_float64(dtype, softcap, blocks):
+    inputs, labels = make_inputs(dtype=dtype, bias=True)
+    expected = truth(inputs, labels, softcap=softcap)
+    hidden, weight, bias = (inputs[f"strong_{part}"] for part in ("hidden", "weight", "bias"))
+    got = wmss.token_entropy(hidden, weight, labels, bias=bias, softcap=softcap, backend="native")
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == out_dtype and got.shape == labels.shape
+    tol, atol = (1e-12, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
+    assert_close(got.reshape(-1), expected.entropy_strong, tol, "entropy", atol=atol)
+    # Without labels every position is scored.
+    everything = wmss.token_entropy(hidden, weight, bias=bias, softcap=softcap, backend="native")
+    unlabelled = truth(inputs, torch.zeros_like(labels), softcap=softcap)
+    assert_close(everything.reshape(-1), unlabelled.entropy_strong, tol, "all", atol=atol)
+
+
+# ---- choosing the engine, and not having it --------------------------------------------------
+
+def test_auto_picks_native_on_cpu_and_matches_torch():
+    assert engines.resolve("auto", torch.device("cpu"),
+                           [("strong_hidden", torch.float32)]) == "native"
+    inputs, labels = make_inputs(bias=True)
+    native, _, native_grads = run(inputs, labels, "auto", softcap=5.0, gap_threshold=0.0)
+    torch_loss, _, torch_grads = run(inputs, labels, "torch", softcap=5.0, gap_threshold=0.0)
+    assert_close(native, torch_loss, 1e-6, "loss")
+    for name in native_grads:
+        assert_close(native_grads[name], torch_grads[name], 1e-5, name)
+
+
+def test_wmss_native_0_turns_the_engine_off(monkeypatch):
+    monkeypatch.setenv(native_engine.ENABLE_ENV, "0")
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # turned off on purpose: no warning
+        assert engines.resolve("auto", cpu) == "torch"
+    inputs, labels = make_inputs()
+    with pytest.raises(ValueError, match=r"backend='native' cannot run: .*WMSS_NATIVE=0"):
+        wmss.fused_loss(**inputs, labels=labels, backend="native")
+
+
+def test_a_failed_build_warns_once_and_auto_uses_torch(monkeypatch):
+    reason = "building csrc/ failed: no compiler here"
+    monkeypatch.setattr(native_engine, "_build", lambda: (False, reason))
+    monkeypatch.setattr(engines, "_warned_native", False)
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match="native CPU engine is unavailable .*no compiler"):
+        assert engines.resolve("auto", cpu) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        assert engines.resolve("auto", cpu) == "torch"
+    inputs, labels = make_inputs()
+    with pytest.raises(ValueError, match=r"backend='native' cannot run: .*no compiler here"):
+        wmss.fused_loss(**inputs, labels=labels, backend="native")
+    with pytest.raises(ValueError, match=r"backend='native' cannot run: .*no compiler"):
+        wmss.token_entropy(inputs["strong_hidden"], inputs["strong_weight"], backend="native")
+
+
+def test_a_missing_compiler_is_named(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-wmss")
+    reason = native_engine._build.__wrapped__()[1]
+    assert "no C++ compiler" in reason and "no-such-compiler-wmss" in reason
+
+
+def test_the_cache_directory_can_be_chosen(monkeypatch, tmp_path):
+    monkeypatch.setenv(native_engine.CACHE_ENV, str(tmp_path / "here"))
+    assert native_engine.cache_directory() == tmp_path / "here"
+    monkeypatch.delenv(native_engine.CACHE_ENV)
+    default = native_engine.cache_directory()
+    assert default.name.startswith("native-") and default.parent.name == "wmss"
+
+
+# ---- the custom ops under torch.compile ------------------------------------------------------
+
+def test_the_forward_op_compiles_and_matches_eager():
+    """``torch.compile`` traces the op through its fake implementation (no graph break
+    needed) and the compiled forward returns what eager returns."""
+    inputs, labels = make_inputs(bias=True)
+    strong = ModelInputs(*(inputs.get(f"strong_{p}") for p in ("hidden", "weight", "bias")))
+    weak = ModelInputs(*(inputs.get(f"weak_{p}") for p in ("hidden", "weight", "bias")))
+    strong, weak = (m.map(lambda t: t.detach().reshape(-1, t.shape[-1]) if t.dim() > 1
+                          else t.detach()) for m in (strong, weak))
+    flat = labels.reshape(-1)
+    spec = MixedLossSpec(lam=0.3, softcap=5.0, gap_threshold=0.0, ignore_index=-100)
+    native = engines.engine("native")
+
+    def forward(strong_hidden, weak_hidden):
+        stats = native.mixed_forward(strong._replace(hidden=strong_hidden),
+                                     weak._replace(hidden=weak_hidden), flat, spec)
+        return stats.loss.sum() * 2.0, stats.entropy_strong + 1.0
+
+    eager = forward(strong.hidden, weak.hidden)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)(strong.hidden, weak.hidden)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, fullgraph=False, backend="aot_eager")
+    got = compiled(strong.hidden, weak.hidden)
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
+    fake_checked = torch.library.opcheck(
+        torch.ops.wmss_native.mixed_forward.default,
+        (*strong, *weak, flat, 0.3, 5.0, 0.0, -100, 16, 64),
+        test_utils=("test_schema", "test_faketensor"))
+    assert all(result == "SUCCESS" for result in fake_checked.values()), fake_checked
+
+
+def test_the_backward_and_entropy_ops_have_matching_fake_implementations():
+    inputs, labels = make_inputs(bias=True, dtype=torch.bfloat16)
+    flat = labels.reshape(-1)
+    s = [inputs[f"strong_{p}"].detach() for p in ("hidden", "weight", "bias")]
+    w = [inputs[f"weak_{p}"].detach() for p in ("hidden", "weight", "bias")]
+    s[0], w[0] = s[0].reshape(-1, s[0].shape[-1]), w[0].reshape(-1, w[0].shape[-1])
+    stats = torch.ops.wmss_native.mixed_forward(*s, *w, flat, 0.3, None, 0.0, -100, 16, 64)
+    coefficients = (torch.rand(flat.shape), torch.rand(flat.shape))
+    for requests in ([True] * 6, [True, False, True, False, True, False]):
+        args = (*s, *w, flat, *stats[1:5], *coefficients, 0.3, None, requests, 16, 64)
+        checked = torch.library.opcheck(torch.ops.wmss_native.mixed_backward.default, args,
+                                        test_utils=("test_schema", "test_faketensor"))
+        assert all(result == "SUCCESS" for result in checked.values()), checked
+    checked = torch.library.opcheck(torch.ops.wmss_native.single_stats.default,
+                                    (*s, flat, 3.0, -100, 16, 64),
+                                    test_utils=("test_schema", "test_faketensor"))
+    assert all(result == "SUCCESS" for result in checked.values()), checked
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_native_backend_rss_growth_is_a_small_fraction_of_the_logits():
+    """The torch engine's bound (tests/test_memory.py), measured the same way: a few blocks,
+    the gradients and O(N) statistics, under 10% of one [N, V] float32 tensor."""
+    from test_memory import LOGITS_BYTES, peak_rss_growth
+
+    fused = peak_rss_growth("native")
+    assert fused["growth"] < 0.10 * LOGITS_BYTES, fused
+    naive = peak_rss_growth("reference")
+    assert naive["growth"] > LOGITS_BYTES, naive
+    assert abs(fused["loss"] - naive["loss"]) < 1e-4 * abs(naive["loss"])
