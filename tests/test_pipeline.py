@@ -477,10 +477,10 @@ def test_a_damaged_active_set_is_named(recorded_round, tmp_path):
 def test_a_kept_demo_directory_refuses_another_demo_before_rewriting_its_data(tmp_path):
     small = dict(eval_size=20, hidden_size=32, num_layers=1, batch_size=16, pretrain_size=0)
     run_demo(str(tmp_path), DemoSettings(train_size=60, **small), log=lambda line: None)
-    data = (tmp_path / "train.jsonl").read_text()
+    data = (tmp_path / "seed-0" / "train.jsonl").read_text()  # one folder per seed
     with pytest.raises(ValueError, match=r"holds a demo with other settings \(train_size\)"):
         run_demo(str(tmp_path), DemoSettings(train_size=50, **small), log=lambda line: None)
-    assert (tmp_path / "train.jsonl").read_text() == data
+    assert (tmp_path / "seed-0" / "train.jsonl").read_text() == data
     assert cli.main(["demo", "--output-dir", str(tmp_path), "--train-size", "50"]) == 1
 
 
@@ -517,3 +517,163 @@ def test_a_rerun_of_a_finished_run_reports_the_same_statistics(recorded_round):
     again = Pipeline(settings, log=logged.append, verbose=False).run()
     assert "[wmss] round-1/train: done earlier, skipped" in logged
     assert again["logit_stats"] == report["logit_stats"]
+
+
+# ---- plots, progress and the demo over several seeds (#15 parts 3 and 4) ---------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_bytes(path) -> bytes:
+    data = open(path, "rb").read()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, path
+    return data
+
+
+def test_every_stage_is_plotted_from_what_its_report_holds(recorded_round):
+    from wmss.recipe import plots
+
+    settings, report, _ = recorded_round
+    out = settings.output_dir
+    assert report["plots"] == [os.path.join(out, path) for path in (
+        "sft/loss.png", "round-1/selection/selection.png", "round-1/train/loss.png",
+        "round-1/train/entropy.png")]
+    saved = json.loads(open(os.path.join(out, "report.json")).read())
+    assert saved["plots"] == report["plots"]
+    drawn = {path: _png_bytes(path) for path in report["plots"]}
+    # The curves are the stage report's per-step log: one point per logged optimizer step.
+    train = json.loads(open(os.path.join(out, "round-1", "train", "report.json")).read())
+    steps = [entry for entry in train["log"] if "loss" in entry]
+    assert len(steps) == train["steps"] >= 2  # logging_steps=1
+    curves = plots.loss_data(train)
+    assert curves["step"] == [entry["step"] for entry in steps] == list(range(1, len(steps) + 1))
+    for name in ("loss", "strong_loss", "weak_loss"):
+        assert curves[name] == [entry[name] for entry in steps]
+    statistics = plots.entropy_data(train)
+    for name in ("entropy_strong", "entropy_weak", "mixed_fraction"):
+        assert statistics[name] == [entry[name] for entry in steps] and len(statistics[name])
+    # Drawn from files only: redrawing the finished run gives the same bytes, and so does a
+    # rerun, whose stages were all done earlier.
+    again = plots.plot_run(out)
+    assert sorted(p for paths in again.values() for p in paths) == sorted(drawn)
+    for path, data in drawn.items():
+        assert open(path, "rb").read() == data, path
+    assert Pipeline(settings, verbose=False).run()["plots"] == report["plots"]
+    for path, data in drawn.items():
+        assert open(path, "rb").read() == data, path
+
+
+def test_a_run_without_matplotlib_finishes_and_says_plots_were_skipped(workspace, monkeypatch):
+    import builtins
+
+    root, base, data = workspace
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    logged = []
+    report = Pipeline(config(root, base, data, "no-matplotlib", base_model=None,
+                             weak_model=base, strong_model=base, rounds=1, wmss_epochs=0.5),
+                      log=logged.append, verbose=False).run()
+    skipped = [line for line in logged if "plots skipped" in line]
+    assert skipped == ["[wmss] plots skipped: matplotlib is not installed (No module named "
+                       "'matplotlib'; pip install matplotlib)"]
+    assert report["plots"] == [] and os.path.isdir(report["final_model"])
+    pngs = [name for _, _, names in os.walk(root / "no-matplotlib") for name in names
+            if name.endswith(".png")]
+    assert pngs == []
+
+
+def test_a_failing_plot_is_one_line_and_the_run_goes_on(workspace, monkeypatch):
+    from wmss.recipe import plots
+
+    root, base, data = workspace
+
+    def broken(stage_dir, report):
+        raise RuntimeError("no room on the canvas")
+
+    monkeypatch.setattr(plots, "plot_stage", broken)
+    logged = []
+    report = Pipeline(config(root, base, data, "broken-plot", rounds=0, sft_epochs=0.5),
+                      log=logged.append, verbose=False).run()
+    assert "[wmss] sft: plots skipped (RuntimeError: no room on the canvas)" in logged
+    assert report["plots"] == [] and os.path.isdir(report["final_model"])
+
+
+TINY_DEMO = ["--train-size", "60", "--eval-size", "12", "--hidden-size", "32",
+             "--num-layers", "1", "--batch-size", "16", "--pretrain-size", "20"]
+
+
+def test_demo_over_two_seeds_reports_both_arms_mean_and_spread(tmp_path, capsys):
+    import re
+    import statistics
+
+    from wmss.recipe import plots
+    from wmss.recipe.inspect import STATISTICS
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--output-dir", str(out), "--seeds", "2", "--seed", "5",
+                     *TINY_DEMO]) == 0
+    captured = capsys.readouterr()
+    runs = [json.loads((out / f"seed-{seed}" / "result.json").read_text()) for seed in (5, 6)]
+    for run in runs:  # every seed's runs are kept, each in its own folder
+        assert (out / f"seed-{run['seed']}" / "sft-1-wmss-1" / "round-1" / "model").is_dir()
+    summary = json.loads((out / "demo_result.json").read_text())
+    assert summary["seeds"] == [5, 6] and summary["runs"] == runs
+    for arm in ("sft", "wmss"):
+        for metric in ("accuracy", "loss"):
+            a, b = (run[f"{arm}_{metric}"] for run in runs)
+            assert summary["mean"][arm][metric] == pytest.approx((a + b) / 2, rel=1e-12)
+            # The sample standard deviation (n - 1): |a - b| / sqrt(2) for two values.
+            assert summary["std"][arm][metric] == pytest.approx(abs(a - b) / 2 ** 0.5,
+                                                                rel=1e-12, abs=1e-15)
+    loss = summary["mean"]["wmss"]["loss"], summary["std"]["wmss"]["loss"]
+    assert f"held-out loss WMSS {loss[0]:.4f} +- {loss[1]:.4f}" in captured.out
+    assert "over 2 seeds (mean +- sample std)" in captured.out
+    # Both arms' logit statistics, side by side: the mean over the seeds of each arm's final
+    # model's statistics, as the pipeline reports recorded them.
+    header = next(line for line in captured.out.splitlines() if line.startswith("statistic"))
+    assert header.split() == ["statistic", "SFT", "WMSS"]
+    for name in STATISTICS:
+        row = next(line for line in captured.out.splitlines() if line.startswith(name + " "))
+        want = [statistics.fmean(run["logit_stats"][arm][name] for run in runs)
+                for arm in ("sft", "wmss")]
+        assert [float(v) for v in row.split()[1:]] == pytest.approx(want, abs=1e-4)
+    # The comparison picture, of these per-seed values.
+    assert summary["plot"] == str(out / "comparison.png")
+    assert _png_bytes(summary["plot"])
+    drawn = plots.demo_comparison_data(summary)
+    assert drawn["accuracy"]["wmss"] == [100 * run["wmss_accuracy"] for run in runs]
+    # Progress from the start, on stderr: stage lines and step/rate/time-left lines.
+    progress = captured.err.splitlines()
+    assert progress[0] == "[demo] seed 5, base M0 | 20 examples from " + str(
+        out / "seed-5" / "pretrain.jsonl")
+    assert "[demo] seed 6, WMSS arm | round-1/selection: running" in progress
+    step = re.compile(r"^\[demo\] seed (5|6), (base M0|SFT arm|WMSS arm) \| (sft|round-1/train): "
+                      r"step (\d+)/(\d+) \((\d+\.\d) steps/s, (\d+ s|\d+ min \d\d s) left\)$")
+    steps = [step.match(line) for line in progress if ": step " in line]
+    assert steps and all(steps), progress
+    assert {(m.group(2), m.group(3)) for m in steps} == {
+        ("base M0", "sft"), ("SFT arm", "sft"), ("WMSS arm", "sft"), ("WMSS arm", "round-1/train")}
+    # Another seed count is another demo: refused before anything is written.
+    with pytest.raises(ValueError, match=r"holds a demo with other settings \(seeds\)"):
+        run_demo(str(out), DemoSettings(train_size=60, eval_size=12, hidden_size=32,
+                                        num_layers=1, batch_size=16, pretrain_size=20, seed=5,
+                                        seeds=3), log=lambda line: None)
+    assert not (out / "seed-7").exists()
+
+
+@pytest.mark.parametrize("seeds", ["0", "-2"])
+def test_demo_refuses_a_seed_count_below_one_by_name(tmp_path, capsys, seeds):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--output-dir", str(out), "--seeds", seeds]) == 1
+    assert f"seeds must be >= 1, got {seeds}" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        DemoSettings(seeds=0)
+    with pytest.raises(TypeError, match="seeds must be an int"):
+        DemoSettings(seeds=1.5)

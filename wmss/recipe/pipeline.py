@@ -17,7 +17,9 @@ refused rather than mixing two runs in one directory. Every setting is checked w
 ``run.json`` written, so a corrected rerun is never refused. Local paths are stored absolute, so
 a rerun from another working directory means the same files. One run at a time holds the
 directory (``wmss.io.directory_lock``). Every file is written atomically, and a stage's final
-model directory appears only once complete.
+model directory appears only once complete. After each stage its PNG plots are drawn beside its
+report from the stage's own files (``wmss.recipe.plots``: losses, entropies and mixed fraction,
+the selection's entropy discrepancy and weight terms), and ``report.json`` lists them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from transformers import TrainerCallback
 
 from .. import defaults
 from ..hf.batches import Collator, pad_token_id, supervised_tokens
@@ -59,6 +62,10 @@ PIPELINE_TRAINING_ARGS = {
     "save_steps": "save_steps", "logging_steps": "logging_steps", "use_cpu": "use_cpu"}
 # Settings that change how a run is carried out but not what it computes: a rerun may change them.
 VOLATILE_SETTINGS = ("output_dir", "logging_steps", "selection_batch_size", "backend", "use_cpu")
+# Key of the run report's list of the PNG plots drawn (wmss.recipe.plots), absolute paths.
+PLOTS_KEY = "plots"
+# Default seconds between two progress lines of a training stage (TrainingProgress).
+PROGRESS_SECONDS = 10.0
 
 
 def _check_real(name: str, value, *, low: float, high: float = math.inf,
@@ -255,19 +262,77 @@ def _save_model_atomically(model, tokenizer, final_dir: str) -> None:
     os.replace(partial, final_dir)
 
 
+def _duration(seconds: float) -> str:
+    """``"42 s"``, ``"3 min 05 s"`` or ``"1 h 02 min"``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class TrainingProgress(TrainerCallback):
+    """Progress lines of one training stage through ``log``: one when training starts, one after
+    the first optimizer step, then at most one every ``every_seconds`` and one at the last step::
+
+        [wmss] sft: step 120/1125 (8.3 steps/s, 2 min 01 s left)
+
+    The rate is over the steps this process has run (a resumed stage does not count the steps
+    of its checkpoint), and the time left is the remaining steps at that rate. ``clock`` (a
+    ``time.monotonic``-like function) is there for tests.
+    """
+
+    def __init__(self, stage: str, log: Callable[[str], None],
+                 every_seconds: float = PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stage, self.log, self.clock = stage, log, clock
+        self.every_seconds = _check_real("every_seconds", every_seconds, low=0.0)
+        self.start_time = self.last_time = None
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time = self.last_time = self.clock()
+        self.start_step = state.global_step
+        resumed = f", resuming after step {state.global_step}" if state.global_step else ""
+        self.log(f"[wmss] {self.stage}: training, {state.max_steps} optimizer steps{resumed}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now, done = self.clock(), state.global_step - self.start_step
+        if done <= 0:
+            return
+        last = state.global_step >= state.max_steps
+        if not (done == 1 or last or now - self.last_time >= self.every_seconds):
+            return
+        self.last_time = now
+        elapsed = now - self.start_time
+        rate = done / elapsed if elapsed > 0 else float("inf")
+        left = (state.max_steps - state.global_step) / rate if math.isfinite(rate) else 0.0
+        shown = f"{rate:.1f} steps/s" if math.isfinite(rate) else "- steps/s"
+        self.log(f"[wmss] {self.stage}: step {state.global_step}/{state.max_steps} ({shown}, "
+                 f"{_duration(left)} left)")
+
+
 class Pipeline:
     """Runs ``PipelineConfig``; ``run()`` returns the final report (also in ``report.json``).
 
     ``log`` receives one line per stage event; ``verbose=False`` also silences the Trainer's
-    per-step log lines and transformers' progress bars.
+    per-step log lines and transformers' progress bars. ``progress_seconds``: also a progress
+    line of each training stage at most every that many seconds (``TrainingProgress``; None:
+    none). After each stage its plots are drawn (``wmss.recipe.plots``) and listed in the run
+    report under ``"plots"``; without matplotlib one line says they were skipped.
     """
 
     def __init__(self, config: PipelineConfig, log: Callable[[str], None] = print,
-                 verbose: bool = True):
+                 verbose: bool = True, progress_seconds: Optional[float] = None):
         self.config, self.log, self.verbose = config, log, verbose
+        self.progress_seconds = (None if progress_seconds is None else
+                                 _check_real("progress_seconds", progress_seconds, low=0.0))
         self.root = config.output_dir
         self.tokenizer = None
         self.dataset = None
+        self.plots: list[str] = []
+        self._plots_skipped = False
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -351,6 +416,9 @@ class Pipeline:
         if not any(isinstance(cb, CompleteCheckpointMarker)
                    for cb in trainer.callback_handler.callbacks):
             trainer.add_callback(CompleteCheckpointMarker())  # the SFT stage's plain Trainer
+        if self.progress_seconds is not None:
+            stage = os.path.relpath(os.path.dirname(checkpoints), self.root).replace(os.sep, "/")
+            trainer.add_callback(TrainingProgress(stage, self.log, self.progress_seconds))
         resume = last_complete_checkpoint(checkpoints)
         # A save interrupted by a kill or a full disk left a newer checkpoint without the marker:
         # moved aside, so the resumed run's save of that step does not write into it.
@@ -365,6 +433,7 @@ class Pipeline:
         done = _read_json(report_path)
         if done is not None:
             self.log(f"[wmss] {name}: done earlier, skipped")
+            self._plot(name, stage_dir, done)
             return done
         os.makedirs(stage_dir, exist_ok=True)
         self.log(f"[wmss] {name}: running")
@@ -374,7 +443,28 @@ class Pipeline:
         atomic_write_json(report_path, report, indent=2)
         # Only now: a kill before the report was written resumes from these checkpoints.
         shutil.rmtree(os.path.join(stage_dir, CHECKPOINTS_DIR), ignore_errors=True)
+        self.log(f"[wmss] {name}: done in {_duration(report['seconds'])}")
+        self._plot(name, stage_dir, report)
         return report
+
+    def _plot(self, name: str, stage_dir: str, report: dict) -> None:
+        """Draw a finished stage's plots from its report and files (``wmss.recipe.plots``);
+        a plot never stops the run: a missing matplotlib or a failed plot is one log line."""
+        from . import plots
+
+        if self._plots_skipped:
+            return
+        reason = plots.plotting_unavailable()
+        if reason is not None:
+            self._plots_skipped = True
+            self.log(f"[wmss] plots skipped: {reason}")
+            return
+        try:
+            drawn = plots.plot_stage(stage_dir, report)
+        except Exception as error:  # noqa: BLE001 - the run's results matter more than a plot
+            self.log(f"[wmss] {name}: plots skipped ({type(error).__name__}: {error})")
+            return
+        self.plots += [os.path.join(stage_dir, file) for file in drawn]
 
     def _logit_stats(self, model) -> dict:
         """The means of ``wmss.logit_stats`` of a model this run produced (the SFT model, each
@@ -454,6 +544,7 @@ class Pipeline:
         self._prepare()
         c = self.config
         stages = []
+        self.plots, self._plots_skipped = [], False
         if c.base_model is not None:
             sft = self._stage("sft", lambda d: self._sft(d, c.base_model))
             stages.append(sft)
@@ -474,7 +565,11 @@ class Pipeline:
         produced = [{"stage": s["stage"], "model": s["model"], **s[LOGIT_STATS_KEY]}
                     for s in stages if LOGIT_STATS_KEY in s]
         report = {"config": c.fingerprint(), "final_model": strong, LOGIT_STATS_KEY: produced,
+                  PLOTS_KEY: list(self.plots),
                   "stages": [{k: v for k, v in s.items() if k != "log"} for s in stages]}
         atomic_write_json(os.path.join(self.root, REPORT_FILE), report, indent=2)
+        if self.plots:
+            self.log("[wmss] plots: " + ", ".join(os.path.relpath(p, self.root)
+                                                  for p in self.plots))
         self.log(f"[wmss] done: final strong model in {strong}")
         return report
