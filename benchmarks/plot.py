@@ -27,6 +27,7 @@ STYLE = {  # provider -> matplotlib line style
     "cce_concat": dict(color="tab:brown", marker="v"),
     FLOOR: dict(color="black", marker="", linestyle="--"),
     "wmss_torch": dict(color="tab:cyan", marker="D"),
+    "wmss_native": dict(color="tab:olive", marker="D", linewidth=2.5),
     "wmss_triton": dict(color="tab:blue", marker="D", linewidth=2.5),
     "wmss_triton_cublas": dict(color="tab:green", marker="D"),
 }

@@ -335,6 +335,22 @@ class WmssTorch(Provider):
                                   softcap=problem.softcap, backend=self.backend)
 
 
+class WmssNative(WmssTorch):
+    """The C++ CPU extension of ``csrc/`` (``backend="native"``), built on first use."""
+
+    name = "wmss_native"
+    backend = "native"
+    devices = ("cpu",)
+
+    def unsupported(self, problem):
+        from wmss.loss.engines import native_engine
+
+        reason = super().unsupported(problem)
+        if reason is None and not native_engine.available():
+            return f"native engine unavailable: {native_engine.unavailable_reason()}"
+        return reason
+
+
 class WmssTriton(WmssTorch):
     """The fused Triton kernels (CUDA; the CPU interpreter is a correctness path, not timed)."""
 
@@ -372,6 +388,6 @@ def _logit_source(source: str):
 
 
 PROVIDERS = {p.name: p for p in (Naive(), TorchCompile(), LigerConcat(), CCEConcat(), GemmFloor(),
-                                 WmssTorch(), WmssTriton(), WmssTritonCublas())}
+                                 WmssTorch(), WmssNative(), WmssTriton(), WmssTritonCublas())}
 PEERS = ("naive", "torch_compile", "liger_concat", "cce_concat")  # what wmss is compared against
 FLOOR = "gemm_floor"

@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 import pytest  # noqa: E402
 
 from wmss_kernels.config import is_interpreting  # noqa: E402
+from wmss.loss.engines.native_engine import available as native_available  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_AVAILABLE = DEVICE.type == "cuda" or is_interpreting()
@@ -44,6 +45,9 @@ BACKENDS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(
         not TRITON_AVAILABLE, reason="needs CUDA or TRITON_INTERPRET=1")),
+    pytest.param("native", marks=pytest.mark.skipif(
+        DEVICE.type != "cpu" or not native_available(), reason="the native CPU engine did not "
+        "build here (see wmss.loss.engines.native_engine.unavailable_reason)")),
 ]
 FAST_BACKENDS = BACKENDS[1:]  # the ones that never materialise logits
 

@@ -9,7 +9,8 @@ import wmss
 from wmss.loss.inputs import COMPILED_CHECK_MESSAGE
 from wmss.recipe.toy import tiny_causal_lm
 
-COMPILED_BACKENDS = ["torch", pytest.param("triton", marks=[pytest.mark.slow, pytest.mark.skipif(
+# "auto" is the native engine on a CPU where it builds (else torch).
+COMPILED_BACKENDS = ["torch", "auto", pytest.param("triton", marks=[pytest.mark.slow, pytest.mark.skipif(
     not TRITON_AVAILABLE, reason="needs CUDA or TRITON_INTERPRET=1")])]
 
 

@@ -72,8 +72,8 @@ def resolve(backend: str, device: torch.device, dtypes=()) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='native' needs CPU tensors (got {device}); use "
                              "backend='auto'")
-        reason = native_engine.unavailable_reason()
-        if reason is not None:
+        reason = _native_unavailable()
+        if reason:
             raise ValueError(f"backend='native' cannot run: {reason}; use backend='torch'")
     supported = engine(backend).supported_dtypes
     for name, dtype in dtypes:
@@ -88,6 +88,17 @@ def resolve(backend: str, device: torch.device, dtypes=()) -> str:
 _warned_native = False
 
 
+@torch.compiler.assume_constant_result  # as _native_for_auto
+def _native_unavailable() -> str:
+    """Why the native engine cannot run here, or "" (a constant of the process)."""
+    from . import native_engine
+
+    return native_engine.unavailable_reason() or ""
+
+
+# Run eagerly while torch.compile traces (a build, a lock and a warning are no graph material);
+# the answer is a constant of the process.
+@torch.compiler.assume_constant_result
 def _native_for_auto() -> bool:
     """Whether ``"auto"`` takes the native engine on a CPU; the first time it cannot be built,
     one warning says why (``WMSS_NATIVE=0`` turns it off silently)."""
