@@ -55,7 +55,15 @@ QUICK_SHAPES = {
     )
 }
 
-ALL_SHAPES = {**GPU_SHAPES, **QUICK_SHAPES}
+# Named CPU heads, run only when asked (--shapes): the native CPU engine's target (issue 16),
+# `--device cpu --shapes cpu-512 --tokens 2048`.
+CPU_SHAPES = {
+    s.name: s for s in (
+        HeadShape("cpu-512", 512, 512, 32768, models="CPU pair, d 512, V 32768"),
+    )
+}
+
+ALL_SHAPES = {**GPU_SHAPES, **QUICK_SHAPES, **CPU_SHAPES}
 
 KERNEL_MODES = {
     "fused_loss": ("forward", "backward", "full"),
