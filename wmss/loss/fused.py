@@ -92,9 +92,9 @@ def fused_loss(
             is trained with plain strong cross-entropy and sends no gradient to the weak branch.
             None mixes every supervised token, as in the paper.
         return_stats: also return ``TokenStats`` (entropies, log-probs, the mixed mask).
-        backend: "auto" (Triton on CUDA, else "torch"; "torch" for float64 inputs), "triton",
-            "torch" or "reference" (the plain formula with materialised logits, for tests and
-            debugging).
+        backend: "auto" (Triton on CUDA, "torch" there for float64 inputs; on CPUs the C++
+            "native" engine where it builds, else "torch"), "triton", "torch", "native" or
+            "reference" (the plain formula with materialised logits, for tests and debugging).
 
     Returns:
         The loss (a scalar, or per-token for "none"); with ``return_stats``, the pair
