@@ -307,14 +307,18 @@ class WMSSPair(nn.Module):
         """Checkpoint the activations of both models (HF Trainer's ``activation_checkpointing``)."""
         if self._shares_weights and self.train_weak:
             raise ValueError(_NO_CHECKPOINTING_WITH_ADAPTERS)
-        for model in (self.strong, self.weak):
-            model = unwrap(model)
+        for wrapped in (self.strong, self.weak):
+            model = unwrap(wrapped)
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable(
                     activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
             else:  # transformers < 5
                 model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+            if is_peft_model(wrapped) or isinstance(wrapped, AdapterView):
+                # PEFT freezes the embeddings: reentrant checkpointing (transformers 4's default)
+                # would then see no input that needs a gradient and cut the adapters off.
+                model.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         """Alias of ``activation_checkpointing_enable`` (the name transformers < 5 uses)."""
