@@ -8,7 +8,10 @@
   hidden states (``z = (s h) W^T`` is exactly ``s (h W^T)``).
 
 Anything else is caught by ``LMHead.verify``, which compares the model's own logits with
-``LMHead.logits`` on a few tokens and raises if they differ. ``final_hidden_states`` runs the
+``LMHead.logits`` on a few tokens and raises if they differ. Under DeepSpeed ZeRO-3 (models built
+or loaded under ``deepspeed.zero.Init``) every parameter is a ``(0,)`` partition outside its
+module's forward: the checks read the full shapes (``full_shape``) and ``verify`` gathers each
+module's parameters for its forward (``gathered``). ``final_hidden_states`` runs the
 model's backbone (``backbone(model)``, after its final norm) and never computes logits;
 ``RouterAux.of(model)`` is a mixture-of-experts model's router load-balancing loss, as its own
 class adds it to the loss. PEFT wrappers are unwrapped first; nothing is patched, so the weak
@@ -17,6 +20,7 @@ model, which shares the class, is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from dataclasses import dataclass
@@ -67,6 +71,62 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def is_zero3_parameter(tensor: Optional[torch.Tensor]) -> bool:
+    """Whether ``tensor`` is a parameter DeepSpeed ZeRO-3 partitions (``deepspeed.zero.Init``, or
+    ``deepspeed.initialize`` at stage 3, gave it a ``ds_id``)."""
+    return tensor is not None and hasattr(tensor, "ds_id")
+
+
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """``tensor.shape``; for a ZeRO-3 parameter, whose own shape is ``(0,)`` while it is
+    partitioned, the full parameter's (``ds_shape``)."""
+    return torch.Size(tensor.ds_shape) if is_zero3_parameter(tensor) else tensor.shape
+
+
+def gathered(*tensors: Optional[torch.Tensor]):
+    """A context in which the ZeRO-3 parameters among ``tensors`` hold their full values
+    (read-only: ``deepspeed.zero.GatheredParameters`` with ``modifier_rank=None``, partitioned
+    again on exit); a no-op when none is one. For checks only: gradients of what is computed inside
+    do not reach DeepSpeed's partitioned gradients (training reads the heads through
+    ``WMSSPair``'s head module, see ``wmss.hf.pair``)."""
+    params = [t for t in tensors if is_zero3_parameter(t)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # a ZeRO-3 parameter exists: deepspeed is installed and imported
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+@contextlib.contextmanager
+def gathered_by_module(model: nn.Module):
+    """A context in which each module of ``model`` holding ZeRO-3 parameters of its own gathers
+    them for its forward and partitions them again after it (what DeepSpeed's engine does, for a
+    model that is not run by one yet: built under ``deepspeed.zero.Init``, before
+    ``deepspeed.initialize``). One module's parameters at a time, never the whole model's."""
+    opened: list = []
+
+    def gather(module, args):
+        context = gathered(*module.parameters(recurse=False))
+        context.__enter__()
+        opened.append(context)
+
+    def release(module, args, output):
+        opened.pop().__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        if any(is_zero3_parameter(p) for p in module.parameters(recurse=False)):
+            handles += [module.register_forward_pre_hook(gather),
+                        module.register_forward_hook(release)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while opened:  # a forward that raised left its modules gathered
+            opened.pop().__exit__(None, None, None)
+
+
 @dataclass
 class LMHead:
     """A causal LM's output layer: ``logits = softcap(scale * (h @ weight^T + bias))``."""
@@ -107,6 +167,11 @@ class LMHead:
             scale /= float(logits_scaling)
         return cls(head.weight, head.bias, None if softcap is None else float(softcap), scale)
 
+    @property
+    def vocab_size(self) -> int:
+        """The head's rows (its full shape's, under ZeRO-3)."""
+        return full_shape(self.weight)[0]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The full logits from final hidden states (for checks only: materialises ``[.., V]``)."""
         z = nn.functional.linear(hidden, self.weight, self.bias) * self.scale
@@ -127,16 +192,19 @@ class LMHead:
         """Compare the model's own logits with ``self.logits`` on ``tokens`` tokens; raise on mismatch.
 
         Catches logit transforms this module does not know. Runs in eval mode (no dropout) and
-        restores the training mode afterwards.
+        restores the training mode afterwards. ZeRO-3 parameters are gathered module by module.
         """
         model = unwrap(model)
         was_training = model.training
         model.eval()
         try:
-            vocab = self.weight.shape[0]
-            input_ids = torch.arange(1, tokens + 1, device=self.weight.device).clamp(max=vocab - 1)[None]
-            expected = model(input_ids=input_ids).logits.float()
-            got = self.logits(final_hidden_states(model, input_ids)).float()
+            input_ids = torch.arange(1, tokens + 1, device=self.weight.device).clamp(
+                max=self.vocab_size - 1)[None]
+            with gathered_by_module(model):
+                expected = model(input_ids=input_ids).logits.float()
+                hidden = final_hidden_states(model, input_ids)
+            with gathered(self.weight, self.bias):
+                got = self.logits(hidden).float()
         finally:
             model.train(was_training)
         tolerance = 1e-3 if self.weight.dtype == torch.float32 else 5e-2

@@ -14,6 +14,7 @@ parameters, so one optimizer trains both) and replaces their logits and cross-en
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -26,7 +27,7 @@ from ..loss import LossOptions, TokenStats, fused_loss_with
 from .batches import shift_labels as shift
 from ..validation import check_flag
 from .lora import AdapterView, adapter_view, checkpointing_enabled, is_peft_model, save_strong
-from .models import LMHead, RouterAux, backbone_outputs, unwrap
+from .models import LMHead, RouterAux, backbone_outputs, is_zero3_parameter, unwrap
 
 
 @dataclass
@@ -85,6 +86,51 @@ _NO_CHECKPOINTING_WITH_ADAPTERS = (
     "model (train_weak=False, or weak_model='base'), whose forward runs without autograd")
 
 
+class FusedHeads(nn.Module):
+    """The fused loss on the two models' lm heads: the one module of the pair that reads the
+    heads' weights (``LMHead.model_inputs``; ``lm_head.forward`` never runs, it would build the
+    logits).
+
+    It has no parameters (the heads stay their models'), and holds the two models without
+    registering them (the pair does). Under DeepSpeed ZeRO-3 the heads' weights and biases are its
+    external parameters (``deepspeed.zero.register_external_parameter``): DeepSpeed's hooks on it
+    gather the full ``(V, d)`` weights for its forward and again for its backward, and the heads'
+    gradients are reduced into their partitions by DeepSpeed as any parameter's; a tied head (the
+    embeddings' weight) gets both uses' gradients. The pair registers them when the models are
+    partitioned already (built under ``deepspeed.zero.Init``); for models ``deepspeed.initialize``
+    partitions, DeepSpeed registers them itself when this module's forward first reads them.
+    Only tensors are passed positionally: DeepSpeed's hooks track them for the backward.
+    """
+
+    def __init__(self, strong: nn.Module, weak: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "models", (strong, weak))
+
+    def heads(self) -> tuple[LMHead, LMHead]:
+        return LMHead.of(self.models[0]), LMHead.of(self.models[1])
+
+    def register_zero3_heads(self) -> None:
+        """Make the heads' ZeRO-3 parameters (if any) external parameters of this module."""
+        params = [p for head in self.heads() for p in (head.weight, head.bias)
+                  if is_zero3_parameter(p)]
+        if params:
+            import deepspeed  # a ZeRO-3 parameter exists: deepspeed is imported
+
+            for param in params:
+                deepspeed.zero.register_external_parameter(self, param)
+
+    def forward(self, hidden_strong: torch.Tensor, hidden_weak: torch.Tensor,
+                targets: torch.Tensor, num_items_in_batch=None, *,
+                options: LossOptions) -> tuple[torch.Tensor, ...]:
+        """``(loss, *TokenStats fields)`` of ``fused_loss_with(options, ...)`` for the backbones'
+        final hidden states ``(batch, seq, d)`` and shifted ``targets`` ``(batch, seq)``."""
+        strong_head, weak_head = self.heads()
+        loss, stats = fused_loss_with(options, strong_head.model_inputs(hidden_strong),
+                                      weak_head.model_inputs(hidden_weak), targets,
+                                      num_items_in_batch)
+        return (loss, *(getattr(stats, f.name) for f in dataclasses.fields(stats)))
+
+
 class WMSSPair(nn.Module):
     """A strong and a weak causal LM trained together through the fused mixed-logit loss.
 
@@ -111,10 +157,10 @@ class WMSSPair(nn.Module):
         super().__init__()
         self.strong, self.weak = strong, weak
         strong_head, weak_head = LMHead.of(strong), LMHead.of(weak)
-        if strong_head.weight.shape[0] != weak_head.weight.shape[0]:
+        if strong_head.vocab_size != weak_head.vocab_size:
             raise ValueError(
-                f"vocabulary mismatch: the strong model's head has {strong_head.weight.shape[0]} rows "
-                f"and the weak model's {weak_head.weight.shape[0]}; WMSS mixes logits token by token, "
+                f"vocabulary mismatch: the strong model's head has {strong_head.vocab_size} rows "
+                f"and the weak model's {weak_head.vocab_size}; WMSS mixes logits token by token, "
                 "so both models need the same vocabulary (resize_token_embeddings one of them)")
         if strong_head.softcap != weak_head.softcap:
             raise ValueError(f"the strong model soft-caps its logits at {strong_head.softcap} and the "
@@ -141,6 +187,8 @@ class WMSSPair(nn.Module):
                     raise ValueError(f"{name} model: {error}") from None
         if not options.train_weak and not isinstance(weak, AdapterView):
             weak.requires_grad_(False)  # a view's adapters were set by adapter_view
+        self.fused_heads = FusedHeads(strong, weak)
+        self.fused_heads.register_zero3_heads()
 
     def _option(name: str, settable: bool = True):
         """A loss option as an attribute; setting it (e.g. a lam schedule) checks the new value
@@ -246,13 +294,11 @@ class WMSSPair(nn.Module):
         if labels is None and shift_labels is None:
             return WMSSOutput(aux_loss=aux_loss)
 
-        strong_head, weak_head = LMHead.of(self.strong), LMHead.of(self.weak)
-
         targets = (shift_labels if shift_labels is not None
                    else shift(labels, self.ignore_index))
-        loss, stats = fused_loss_with(
-            self.loss_options, strong_head.model_inputs(hidden_s),
-            weak_head.model_inputs(hidden_w), targets, num_items_in_batch)
+        loss, *fields = self.fused_heads(hidden_s, hidden_w, targets, num_items_in_batch,
+                                         options=self.loss_options)
+        stats = TokenStats(*fields)
         supervised = targets != self.ignore_index
         num_tokens = supervised.sum()
         count = num_tokens.clamp(min=1)
