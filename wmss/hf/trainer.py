@@ -47,6 +47,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..io import atomic_write_json
 from .batches import Collator, pad_token_id
+from .distributed import full_state_dict, is_sharded, strip_wrappers
+from .lora import checkpointing_enabled
 from .models import unwrap
 from .pair import WMSSPair
 
@@ -63,6 +65,8 @@ _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # get_last_checkpoint nor Trainer's rotation (save_total_limit globs "checkpoint-*") sees it.
 INCOMPLETE_NAME = "incomplete-" + PREFIX_CHECKPOINT_DIR + "-{step}-{stamp}"
 TRAINER_STATE_FILE = "trainer_state.json"
+# accelerate's FSDP model state in a checkpoint (pytorch_model_fsdp.bin, pytorch_model_fsdp_0/).
+FSDP_MODEL_NAME = "pytorch_model_fsdp"
 
 
 def training_arguments(output_dir: str, *, warmup_ratio: float = 0.0,
@@ -312,7 +316,7 @@ class WMSSTrainerMixin:
     """The ``WMSSTrainer`` behaviour, for mixing into other Trainer subclasses (e.g. TRL's)."""
 
     def _wmss_pair(self) -> WMSSPair:
-        model = unwrap(self.model)
+        model = unwrap(strip_wrappers(self.model))
         if not isinstance(model, WMSSPair):
             raise TypeError(f"{type(self).__name__} trains a WMSSPair (wmss.apply_wmss), got "
                             f"{type(model).__name__}")
@@ -452,21 +456,133 @@ class WMSSTrainerMixin:
             self._wmss_window = None
         super().log(logs, *args, **kwargs)
 
+    # ---- checkpoints: both models, however the pair is sharded --------------------------------
+
+    def _wmss_weights_sharded(self) -> bool:
+        """Whether the pair's live parameters are shards (FSDP2, ZeRO-3), so that a member's own
+        ``save_pretrained`` would write shards; the same answer on every process."""
+        return is_sharded(self.model)
+
+    def _wmss_trainer_gathers(self) -> bool:
+        """Whether Trainer's ``save_model`` hands ``_save`` the full state dict: FSDP with
+        ``FULL_STATE_DICT``, DeepSpeed below ZeRO-3 or ZeRO-3 with
+        ``stage3_gather_16bit_weights_on_model_save``. In the sharded modes (FSDP's
+        ``SHARDED_STATE_DICT``, ZeRO-3 without the 16-bit gather) it hands nothing: the weights
+        are only in its sharded checkpoint."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        if getattr(self, "is_deepspeed_enabled", False):
+            engine = self.model_wrapped
+            if not hasattr(engine, "zero_gather_16bit_weights_on_model_save"):
+                return True  # not prepared yet: the parameters are not partitioned either
+            return (engine.zero_optimization_stage() < 3
+                    or bool(engine.zero_gather_16bit_weights_on_model_save()))
+        return True
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``: ``strong/`` and ``weak/`` (``MEMBER_DIRS``) in ``output_dir``,
+        each loadable by ``AutoModelForCausalLM.from_pretrained``, in every mode. Called by a
+        user in a sharded mode (FSDP ``SHARDED_STATE_DICT``, ZeRO-3 without
+        ``stage3_gather_16bit_weights_on_model_save``, where Trainer itself would save no
+        loadable weights), the full weights are gathered for it (``wmss.hf.distributed``);
+        Trainer's own checkpoints in those modes keep only its sharded state (no gathering at
+        every save). Collective, as Trainer's: every process calls it."""
+        self._wmss_explicit_save = not _internal_call
+        try:
+            if (not _internal_call and getattr(self, "is_fsdp_enabled", False)
+                    and not self._wmss_trainer_gathers()):
+                # Trainer's save_model writes nothing in FSDP's sharded mode: gather here.
+                self._save(output_dir)
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            self._wmss_explicit_save = False
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        """Both models, each with its own ``save_pretrained`` (Trainer's default of one state dict
-        fails on the shared tensors of tied embeddings)."""
+        """Both models under ``strong/`` and ``weak/``, by the main process.
+
+        ``state_dict`` is what Trainer gathered (the pair's full state dict on the main process,
+        ``{}`` or None on the others): it is split by member (the pair's state-dict prefixes) and
+        each part saved with the member's ``save_pretrained(state_dict=...)``. Without one, an
+        unsharded pair saves each member's live weights; a sharded one gathers them
+        (``full_state_dict``, collective) for a user's ``save_model``, and saves no weights in
+        Trainer's own sharded checkpoints (Trainer/accelerate write the sharded state there)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        pair = self._wmss_pair()
+        states = None
+        if self._wmss_weights_sharded():
+            if self._wmss_trainer_gathers():  # the same branch on every process
+                if self.args.should_save:
+                    if not state_dict:
+                        raise ValueError("_save: the pair is sharded and Trainer gathers its "
+                                         "weights, but no state_dict was given to save")
+                    states = self._wmss_split(pair, state_dict)
+            elif getattr(self, "_wmss_explicit_save", False):
+                full = full_state_dict(self.model)  # collective: every process gathers
+                states = self._wmss_split(pair, full) if self.args.should_save else None
+            else:
+                states = {}  # a sharded checkpoint: its weights are Trainer's sharded files
+        elif state_dict:  # e.g. ZeRO-1/2: Trainer's copy of the (unsharded) weights
+            states = self._wmss_split(pair, state_dict) if self.args.should_save else None
         if not self.args.should_save:
             return
-        pair = self._wmss_pair()
         os.makedirs(output_dir, exist_ok=True)
         for name, member in pair.models_with_weights().items():
-            unwrap(member).save_pretrained(os.path.join(output_dir, MEMBER_DIRS[name]))
+            if states is not None and name not in states:
+                continue
+            folder = os.path.join(output_dir, MEMBER_DIRS[name])
+            if states is None:
+                unwrap(member).save_pretrained(folder)
+            else:
+                unwrap(member).save_pretrained(folder, state_dict=states[name])
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    @staticmethod
+    def _wmss_split(pair: WMSSPair, state_dict: dict) -> dict[str, dict]:
+        """The pair's full state dict as one state dict per member (``models_with_weights``),
+        keyed as the member's transformers model (``unwrap(member).state_dict()``); names the
+        model ties to one tensor get one tensor (``save_pretrained`` then saves it once).
+        ``ValueError`` naming the keys if a member's weights are not all there."""
+        paths = {id(module): name for name, module in pair.named_modules()}
+        split = {}
+        for name, member in pair.models_with_weights().items():
+            model = unwrap(member)
+            prefix = paths[id(model)] + "."
+            part = {key[len(prefix):]: value for key, value in state_dict.items()
+                    if key.startswith(prefix)}
+            live = model.state_dict(keep_vars=True)
+            first: dict[int, str] = {}
+            for key, tensor in live.items():  # tied names: one saved tensor
+                owner = first.setdefault(id(tensor), key)
+                if owner != key and owner in part:
+                    part[key] = part[owner]
+            missing = sorted(set(live) - set(part))
+            if missing:
+                raise ValueError(f"the state dict to save lacks {len(missing)} weights of the "
+                                 f"{name} model (under {prefix!r}): {missing[:5]}")
+            split[name] = part
+        return split
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore both models from a checkpoint. Under FSDP the checkpoint's FSDP model state
+        (``pytorch_model_fsdp*``: full or sharded, as accelerate wrote it) is loaded by Trainer's
+        own code into the sharded model; under DeepSpeed, DeepSpeed's checkpoint (Trainer loads it
+        itself with ``deepspeed_load_checkpoint`` when it resumes and never calls this; this is
+        for other callers); otherwise ``strong/`` and ``weak/`` into the live models."""
+        if getattr(self, "is_deepspeed_enabled", False):
+            from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+            deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint,
+                                      load_module_strict=True)
+            return
+        if getattr(self, "is_fsdp_enabled", False):
+            if not _has_fsdp_model_state(resume_from_checkpoint):
+                raise ValueError(
+                    f"{resume_from_checkpoint} holds no FSDP model state ({FSDP_MODEL_NAME}*); "
+                    "a checkpoint saved with save_only_model=True cannot resume under FSDP")
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
         pair = unwrap(model) if model is not None else self._wmss_pair()
         for name, member in pair.models_with_weights().items():
             sub = MEMBER_DIRS[name]
@@ -477,7 +593,35 @@ class WMSSTrainerMixin:
             load_model_weights(member, folder)
 
     def _load_best_model(self) -> None:
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            super()._load_best_model()  # DeepSpeed's / FSDP's checkpoint, by Trainer's own code
+            return
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _has_fsdp_model_state(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` holds accelerate's FSDP model state (Trainer's own test: a
+    ``pytorch_model_fsdp*`` folder for a sharded state dict, ``pytorch_model_fsdp.bin`` for a
+    full one)."""
+    if not os.path.isdir(checkpoint):
+        return False
+    return any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(checkpoint))
+
+
+def _default_find_unused_parameters(model: WMSSPair, args: Optional[TrainingArguments]) -> None:
+    """Set ``args.ddp_find_unused_parameters`` by Trainer's rule for a ``PreTrainedModel`` when
+    the user left it None: False when activation checkpointing is on (asked in ``args``, or
+    already enabled in a member), else True. Trainer's rule for any other model (the pair) is
+    True, and DDP's search for unused parameters breaks under reentrant activation
+    checkpointing (transformers 4's default): a parameter is marked ready twice. Set on ``args``
+    because that is where Trainer reads it (transformers 5 in ``__init__``, 4 in ``train``)."""
+    if args is None or getattr(args, "ddp_find_unused_parameters", False) is not None:
+        return
+    fields = {f.name for f in dataclasses.fields(args)}  # renamed in 5.x; the old name warns
+    asked = bool(getattr(args, "activation_checkpointing" if "activation_checkpointing" in fields
+                         else "gradient_checkpointing", False))
+    enabled = any(checkpointing_enabled(unwrap(member)) for member in (model.strong, model.weak))
+    args.ddp_find_unused_parameters = not (asked or enabled)
 
 
 class WMSSTrainer(WMSSTrainerMixin, Trainer):
@@ -492,6 +636,7 @@ class WMSSTrainer(WMSSTrainerMixin, Trainer):
         if not isinstance(unwrap(model), WMSSPair):
             raise TypeError(f"WMSSTrainer trains a WMSSPair (wmss.apply_wmss), got "
                             f"{type(model).__name__}")
+        _default_find_unused_parameters(unwrap(model), args)
         tokenizer = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and tokenizer is not None:
             kwargs["data_collator"] = Collator(pad_token_id(tokenizer))
@@ -527,6 +672,8 @@ def _sft_trainer_class():
                     "first and build the pair from it: wmss.apply_wmss(peft_model, 'base') or "
                     "wmss.apply_wmss(peft_model, 'adapter:NAME') for a LoRA pair on one base "
                     "model, or apply_wmss(peft_model, weak_model) for two models")
+            _default_find_unused_parameters(unwrap(model), kwargs.get(
+                "args", trainer_args[0] if trainer_args else None))
             super().__init__(model, *trainer_args, **kwargs)
             vars(unwrap(self.model)).pop("forward", None)  # undo TRL's instance-level patch
             self._setup_wmss()
