@@ -12,26 +12,17 @@ from transformers import AutoModelForCausalLM
 from wmss import commands as cli
 from wmss.recipe.demo import DemoSettings, run_demo
 from wmss.recipe.pipeline import Pipeline, PipelineConfig
-from wmss.recipe.toy import char_tokenizer, tiny_causal_lm
+from wmss.recipe.toy import char_tokenizer
 from wmss.hf.trainer import MARKER_FILE, WMSSTrainer
+from pipeline_fixtures import chat_records, prompt_records, tiny_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny base model with its tokenizer, and a small JSONL of both record kinds."""
     root = tmp_path_factory.mktemp("pipeline")
-    tokenizer = char_tokenizer()
-    base = root / "base"
-    tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=1,
-                   seed=0).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    data = root / "data.jsonl"
-    with open(data, "w") as handle:
-        for a in range(12):
-            handle.write(json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) + "\n")
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"{a}*2"},
-                                                  {"role": "assistant", "content": str(2 * a)}]}) + "\n")
-    return root, str(base), str(data)
+    records = [r for pair in zip(prompt_records(12), chat_records(12)) for r in pair]
+    return (root, *tiny_workspace(root, records))
 
 
 def config(root, base, data, name, **overrides):

@@ -18,3 +18,6 @@ MAX_LENGTH = 4096
 SFT_EPOCHS = 1
 WMSS_EPOCHS = 1
 ROUNDS = 1
+
+# LoRA runs (wmss train --lora): the adapters' rank (alpha defaults to twice the rank).
+LORA_RANK = 16

@@ -18,9 +18,8 @@ import os
 import sys
 
 from wmss import defaults
-from wmss.loss.engines import BACKENDS
 
-from .select import DTYPES, _device, _int_in, _load_model
+from .select import _device, _load_model, add_model_run_arguments
 
 
 def _unit_float(text: str) -> float:
@@ -49,16 +48,7 @@ def add_arguments(parser) -> None:
                         help="also write the means as JSON there")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output file")
-    parser.add_argument("--batch-size", type=_int_in(1), default=8,
-                        help="examples per forward pass (default %(default)s)")
-    parser.add_argument("--max-length", type=_int_in(2), default=defaults.MAX_LENGTH,
-                        help="tokens per example; longer ones are cut (default %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="wmss.logit_stats backend (default %(default)s)")
-    parser.add_argument("--device", default=None,
-                        help="torch device for the models (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="model dtype; 'auto' keeps the checkpoint's (default %(default)s)")
+    add_model_run_arguments(parser, "wmss.logit_stats")
 
 
 def _check_output(path, overwrite: bool) -> None:

@@ -111,6 +111,21 @@ def selection_options(args) -> SelectionOptions:
                             keep_duplicates=args.keep_duplicates)
 
 
+
+def add_model_run_arguments(parser, backend_of: str) -> None:
+    """How ``wmss select`` and ``wmss inspect`` run their models over the data: ``--batch-size``,
+    ``--max-length``, ``--backend`` (of ``backend_of``), ``--device`` and ``--dtype``."""
+    parser.add_argument("--batch-size", type=_int_in(1), default=8,
+                        help="examples per forward pass (default %(default)s)")
+    parser.add_argument("--max-length", type=_int_in(2), default=defaults.MAX_LENGTH,
+                        help="tokens per example; longer ones are cut (default %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help=f"{backend_of} backend (default %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for the models (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="model dtype; 'auto' keeps the checkpoint's (default %(default)s)")
+
 def add_arguments(parser) -> None:
     parser.add_argument("--strong", required=True, metavar="PATH",
                         help="strong model (M_t): a transformers checkpoint directory or hub name; "
@@ -124,16 +139,7 @@ def add_arguments(parser) -> None:
                         help=f"where {SCORES_FILE}, {ACTIVE_FILE} and {SUMMARY_FILE} go")
     add_selection_arguments(parser.add_argument_group("selection (WD-DS)"))
     scoring = parser.add_argument_group("scoring")
-    scoring.add_argument("--batch-size", type=_int_in(1), default=8,
-                         help="examples per forward pass (default %(default)s)")
-    scoring.add_argument("--max-length", type=_int_in(2), default=defaults.MAX_LENGTH,
-                         help="tokens per example; longer ones are cut (default %(default)s)")
-    scoring.add_argument("--backend", choices=BACKENDS, default="auto",
-                         help="token_entropy backend (default %(default)s)")
-    scoring.add_argument("--device", default=None,
-                         help="torch device for both models (default: cuda if available, else cpu)")
-    scoring.add_argument("--dtype", choices=DTYPES, default="auto",
-                         help="model dtype; 'auto' keeps the checkpoint's (default %(default)s)")
+    add_model_run_arguments(scoring, "token_entropy")
     scoring.add_argument("--save-interval", type=_non_negative_float, default=60.0,
                          help="seconds between checkpoints of the scores (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",

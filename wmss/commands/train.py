@@ -7,7 +7,10 @@ every option is checked (``PipelineConfig``) before anything is loaded or traine
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+import torch
 
 from .. import defaults
 from ..recipe.pipeline import Pipeline, PipelineConfig
@@ -48,6 +51,20 @@ def add_arguments(parser) -> None:
     training.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     training.add_argument("--save-steps", type=int, default=500)
     training.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
+    parallel = parser.add_argument_group(
+        "several processes (launch with torchrun or accelerate launch; see the README)")
+    parallel.add_argument("--fsdp", metavar="CONFIG",
+                          help="FSDP2 on GPUs: TrainingArguments' fsdp_config as a JSON file "
+                               "(e.g. examples/fsdp2.json)")
+    parallel.add_argument("--deepspeed", metavar="CONFIG",
+                          help="DeepSpeed: its JSON config (e.g. examples/zero3.json)")
+    lora = parser.add_argument_group("LoRA (both models as adapters of --base, one copy of it)")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters (needs peft)")
+    lora.add_argument("--lora-rank", type=int, default=defaults.LORA_RANK)
+    lora.add_argument("--lora-alpha", type=float, help="default: twice the rank")
+    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument("--lora-targets", nargs="+", default=["all-linear"], metavar="MODULE",
+                      help="PEFT's target_modules (default: all-linear)")
     add_selection_arguments(parser.add_argument_group(
         "WD-DS selection (as wmss select; --seed also seeds training)"))
 
@@ -67,15 +84,62 @@ def config_from_args(args) -> PipelineConfig:
         max_length=args.max_length, batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, dtype=args.dtype, bf16=args.bf16,
         activation_checkpointing=args.activation_checkpointing, backend=args.backend,
-        seed=options.seed, save_steps=args.save_steps, use_cpu=args.cpu)
+        seed=options.seed, save_steps=args.save_steps, use_cpu=args.cpu,
+        fsdp_config=args.fsdp, deepspeed_config=args.deepspeed, **lora_settings(args))
+
+
+def lora_settings(args) -> dict:
+    """The ``PipelineConfig`` LoRA fields of ``--lora ...`` (none without ``--lora``)."""
+    if not args.lora:
+        given = [flag for flag, value, default in (
+            ("--lora-alpha", args.lora_alpha, None), ("--lora-dropout", args.lora_dropout, 0.0),
+            ("--lora-targets", args.lora_targets, ["all-linear"]),
+            ("--lora-rank", args.lora_rank, defaults.LORA_RANK)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without --lora")
+        return {}
+    targets = args.lora_targets[0] if len(args.lora_targets) == 1 else args.lora_targets
+    return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+            "lora_dropout": args.lora_dropout, "lora_target_modules": targets}
 
 
 def run(args) -> int:
+    code = _run(args)
+    _leave_process_group(code)
+    return code
+
+
+def _leave_process_group(code: int) -> None:
+    """End a launched run's process cleanly. NCCL: destroy the process group. gloo (CPUs): every
+    process meets at a barrier past its last collective, then exits at once with ``code``, because
+    with torch 2.13 an interpreter finalizing while a gloo worker thread still releases a tensor
+    can abort (``terminate called without an active exception``; see tests/ddp_worker.py), and
+    destroying the group instead can deadlock. Everything the run wrote is closed by then.
+    Only in a launched run (``WORLD_SIZE`` > 1, set by torchrun and accelerate launch)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() != "gloo":
+        torch.distributed.destroy_process_group()
+        return
+    if code == 0:  # a failed process may not meet the others (the launcher stops them all)
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(args) -> int:
+    pipeline = None
     try:
-        report = Pipeline(config_from_args(args)).run()
+        pipeline = Pipeline(config_from_args(args))
+        report = pipeline.run()
     except (ValueError, TypeError, OSError) as error:  # bad input or files: a message
-        print(f"wmss train: error: {error}", file=sys.stderr)
+        if pipeline is None or pipeline.processes is None or pipeline.processes.is_main:
+            print(f"wmss train: error: {error}", file=sys.stderr)
         return 1
+    if not pipeline.processes.is_main:  # the main process reports for the launched run
+        return 0
     print(json.dumps({"final_model": report["final_model"],
                       "stages": [{k: v for k, v in stage.items()
                                   if k in ("stage", "seconds", "train_loss", "active")}

@@ -54,9 +54,9 @@ class _MixtureHead:
                     f"the {name} model soft-caps its logits (final_logit_softcapping="
                     f"{head.softcap:g}): the mixture of capped logits is no linear head, so its "
                     "statistics cannot be computed this way; inspect each model alone")
-        if strong.weight.shape[0] != weak.weight.shape[0]:
-            raise ValueError(f"the strong model has {strong.weight.shape[0]} lm-head outputs but "
-                             f"the weak one {weak.weight.shape[0]}; they must share a vocabulary")
+        if strong.vocab_size != weak.vocab_size:
+            raise ValueError(f"the strong model has {strong.vocab_size} lm-head outputs but "
+                             f"the weak one {weak.vocab_size}; they must share a vocabulary")
         self.strong, self.weak, self.lam = strong, weak, lam
         self.dtype = torch.promote_types(strong.weight.dtype, weak.weight.dtype)
         self.device = strong.weight.device

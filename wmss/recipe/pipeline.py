@@ -20,10 +20,19 @@ directory (``wmss.io.directory_lock``). Every file is written atomically, and a 
 model directory appears only once complete. After each stage its PNG plots are drawn beside its
 report from the stage's own files (``wmss.recipe.plots``: losses, entropies and mixed fraction,
 the selection's entropy discrepancy and weight terms), and ``report.json`` lists them.
+
+Launched on several processes (``torchrun`` or ``accelerate launch``), every process runs every
+stage: training is Trainer's data parallelism (DDP, or FSDP2 / DeepSpeed ZeRO-3 with
+``fsdp_config`` / ``deepspeed_config``), selection scores each process's share of the data set
+(examples ``rank::world``) and the main process merges the shares. Only the main process writes
+the run's files (``run.json``, reports, scores, selections, plots, models, logs) and holds the
+lock; the others wait for it at each stage's start and end, and an error it meets is raised on
+every process (no process is left waiting for one that failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -59,11 +68,14 @@ PIPELINE_TRAINING_ARGS = {
     "gradient_accumulation_steps": "gradient_accumulation_steps", "bf16": "bf16",
     "activation_checkpointing": "activation_checkpointing",
     "gradient_checkpointing": "activation_checkpointing", "seed": "seed",
-    "save_steps": "save_steps", "logging_steps": "logging_steps", "use_cpu": "use_cpu"}
+    "save_steps": "save_steps", "logging_steps": "logging_steps", "use_cpu": "use_cpu",
+    "fsdp": "fsdp_config", "fsdp_config": "fsdp_config", "deepspeed": "deepspeed_config"}
 # Settings that change how a run is carried out but not what it computes: a rerun may change them.
 VOLATILE_SETTINGS = ("output_dir", "logging_steps", "selection_batch_size", "backend", "use_cpu")
 # Key of the run report's list of the PNG plots drawn (wmss.recipe.plots), absolute paths.
 PLOTS_KEY = "plots"
+# Name of the weak model's adapter in a LoRA run's PEFT model (the strong one is "default").
+LORA_WEAK_ADAPTER = "weak"
 # Default seconds between two progress lines of a training stage (TrainingProgress).
 PROGRESS_SECONDS = 10.0
 
@@ -93,6 +105,24 @@ def _check_model_source(name: str, source: str) -> None:
         raise ValueError(f"{name}: no model can be loaded from {source!r} ({error})") from None
 
 
+def _check_parallelism_config(name: str, value) -> Optional[str | dict]:
+    """``fsdp_config``/``deepspeed_config``: None, a dict, or the absolute path of a JSON file
+    holding an object (checked here, so a typo fails before anything is trained)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a JSON file's path or a dict, got {type(value).__name__}")
+    path = os.path.abspath(os.fspath(value))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{name}: {path} is not a readable JSON file ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{name}: {path} holds a JSON {type(document).__name__}, not an object")
+    return path
+
+
 def _absolute_if_local(path: Optional[str]) -> Optional[str]:
     """A local path made absolute (so a rerun elsewhere means the same files); hub names as given."""
     if path is None:
@@ -111,6 +141,20 @@ class PipelineConfig:
     ``strong_model`` pair (no warm-up). Model fields are paths or hub names for
     ``AutoModelForCausalLM.from_pretrained``; the tokenizer comes from ``tokenizer`` or the first
     model given.
+
+    ``fsdp_config`` (FSDP2, GPUs only) or ``deepspeed_config`` (e.g. ZeRO-3): a JSON file or a
+    dict, given to ``TrainingArguments`` as its ``fsdp_config`` (with ``fsdp`` on) or
+    ``deepspeed``; ``examples/`` holds one of each. Launch with ``torchrun`` or
+    ``accelerate launch`` (see the README).
+
+    ``lora_rank``: train LoRA adapters (PEFT) instead of whole models, the pair on one copy of
+    ``base_model``'s weights (``apply_wmss(peft_model, "adapter:weak")``). Every stage's model is
+    then an adapter folder of the base (``AutoModelForCausalLM.from_pretrained`` loads it onto the
+    base when peft is installed). The SFT warm-up trains a new adapter; in each round the strong
+    adapter is trained further and the weak model is the previous one as a second adapter: in
+    round 1 the base itself, as a zero-initialised adapter (exactly M0; ``"base"``, no adapter,
+    with ``train_weak=False``). ``lora_alpha`` defaults to twice the rank; ``lora_target_modules``
+    is PEFT's ``target_modules`` ("all-linear": every linear layer but the lm head).
     """
 
     output_dir: str
@@ -147,6 +191,12 @@ class PipelineConfig:
     save_steps: int = 500
     logging_steps: int = 10
     use_cpu: bool = False
+    fsdp_config: Optional[str | dict] = None
+    deepspeed_config: Optional[str | dict] = None
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list = "all-linear"
     extra_training_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -188,6 +238,17 @@ class PipelineConfig:
         check_choice("dtype", self.dtype, DTYPES)
         for name in ("bf16", "activation_checkpointing", "use_cpu"):
             check_flag(name, getattr(self, name))
+        for name in ("fsdp_config", "deepspeed_config"):
+            setattr(self, name, _check_parallelism_config(name, getattr(self, name)))
+        if self.fsdp_config is not None and self.deepspeed_config is not None:
+            raise ValueError("give fsdp_config or deepspeed_config, not both")
+        if self.deepspeed_config is not None and self.use_cpu:
+            raise ValueError("deepspeed_config with use_cpu: accelerate does not set DeepSpeed "
+                             "up for a run told to use the CPU; drop use_cpu (--cpu)")
+        if self.fsdp_config is not None and (self.use_cpu or not torch.cuda.is_available()):
+            raise ValueError("fsdp_config: accelerate runs FSDP on GPUs only (on CPUs it would "
+                             "silently train with DDP instead); run on GPUs, or drop fsdp_config")
+        self._check_lora()
         if not isinstance(self.extra_training_args, dict):
             raise TypeError("extra_training_args must be a dict of TrainingArguments fields, got "
                             f"{type(self.extra_training_args).__name__}")
@@ -202,6 +263,44 @@ class PipelineConfig:
             raise ValueError(f"extra_training_args: {own} are set by the pipeline; use the "
                              "setting of their own instead: "
                              + ", ".join(f"{k} -> {PIPELINE_TRAINING_ARGS[k]}" for k in own))
+
+    def _check_lora(self) -> None:
+        if self.lora_rank is None:
+            for name, default in (("lora_alpha", None), ("lora_dropout", 0.0),
+                                  ("lora_target_modules", "all-linear")):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} is set but lora_rank is not (no LoRA run)")
+            return
+        check_int("lora_rank", self.lora_rank, 1)
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        self.lora_alpha = _check_real("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        self.lora_dropout = _check_real("lora_dropout", self.lora_dropout, low=0.0, high=1.0,
+                                        high_open=True)
+        targets = self.lora_target_modules
+        if isinstance(targets, tuple):
+            targets = self.lora_target_modules = list(targets)
+        if not (isinstance(targets, str) and targets) and not (
+                isinstance(targets, list) and targets
+                and all(isinstance(t, str) and t for t in targets)):
+            raise TypeError(f"lora_target_modules must be a module name pattern or a non-empty "
+                            f"list of names, got {targets!r}")
+        if self.base_model is None:
+            raise ValueError("lora_rank: a LoRA run starts from base_model (every model of the "
+                             "run is an adapter of it); give base_model instead of "
+                             "weak_model/strong_model")
+        for name in ("fsdp_config", "deepspeed_config"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"lora_rank with {name}: LoRA runs train on one process or "
+                                 f"with DDP (the adapters are small); drop {name}")
+        if self.activation_checkpointing and self.train_weak:
+            raise ValueError("lora_rank with activation_checkpointing needs train_weak=False: a "
+                             "recomputed layer would use the wrong adapter of the two trained "
+                             "ones (see wmss.hf.lora)")
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("lora_rank: LoRA runs need peft (pip install peft)")
 
     def loss_options(self) -> LossOptions:
         """The joint training's loss options (checked: ``LossOptions`` raises on a bad one)."""
@@ -251,15 +350,93 @@ def _read_active(path: str, size: int) -> list[int]:
     return active
 
 
-def _save_model_atomically(model, tokenizer, final_dir: str) -> None:
-    """Write a model (and tokenizer) to a sibling temp dir, then rename it into place."""
-    partial = final_dir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if os.path.exists(final_dir):  # an earlier attempt died between rename and report
-        shutil.rmtree(final_dir)
-    os.replace(partial, final_dir)
+@contextlib.contextmanager
+def _loading_whole_models():
+    """``from_pretrained`` loads whole models although a ZeRO-3 ``TrainingArguments`` is alive
+    (transformers would partition them under ``zero.Init``): selection runs each model on every
+    process, on a share of the data each, which partitioned models could not do (their forward
+    is collective). The reference transformers keeps to that ``TrainingArguments``' DeepSpeed
+    configuration is put back afterwards."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # no DeepSpeed integration: nothing to switch off
+        yield
+        return
+    reference = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = reference
+
+
+def _parallelism_arguments(config: PipelineConfig) -> dict:
+    """The ``TrainingArguments`` fields of ``fsdp_config``/``deepspeed_config`` (none for DDP)."""
+    if config.deepspeed_config is not None:
+        return {"deepspeed": config.deepspeed_config}
+    if config.fsdp_config is None:
+        return {}
+    import transformers
+
+    fsdp_config = config.fsdp_config
+    if isinstance(fsdp_config, str):
+        with open(fsdp_config, encoding="utf-8") as handle:
+            fsdp_config = json.load(handle)
+    # transformers 5 turns FSDP on with True (the options are in fsdp_config); 4.x with a string.
+    on = True if int(transformers.__version__.split(".")[0]) >= 5 else "full_shard auto_wrap"
+    return {"fsdp": on, "fsdp_config": fsdp_config}
+
+
+class _Processes:
+    """The processes of a launched run (``torchrun``, ``accelerate launch``; one otherwise), from
+    accelerate's ``PartialState`` (made after ``TrainingArguments``, which sets it up as Trainer
+    and DeepSpeed need it). The main process writes the run's files; ``on_main`` runs a step
+    there and hands its result, or its error, to every process."""
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        state = PartialState()
+        self.count, self.index = state.num_processes, state.process_index
+        self.is_main, self.device = state.is_main_process, state.device
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            torch.distributed.barrier()
+
+    def on_main(self, work: Callable[[], object]):
+        """``work()`` on the main process; every process returns its result, or raises its
+        error (so no process waits at a barrier for a main process that has failed)."""
+        if self.count == 1:
+            return work()
+        if not self.is_main:
+            outcome = [None, None]
+            torch.distributed.broadcast_object_list(outcome, src=0)
+            if outcome[1] is not None:
+                raise outcome[1]
+            return outcome[0]
+        try:
+            result = work()
+        except Exception as error:
+            # The others get the kind the CLI reports as a message (a ValueError, TypeError or
+            # OSError: its own class; any other: a RuntimeError naming it), rebuilt from text
+            # because not every exception class can be pickled.
+            kind = next((k for k in (ValueError, TypeError, OSError) if isinstance(error, k)),
+                        None)
+            portable = (kind(str(error)) if kind is not None else
+                        RuntimeError(f"the main process failed: {type(error).__name__}: {error}"))
+            torch.distributed.broadcast_object_list([None, portable], src=0)
+            raise
+        torch.distributed.broadcast_object_list([result, None], src=0)
+        return result
+
+    def gather(self, value) -> list:
+        """``value`` of every process, in rank order (``all_gather_object``)."""
+        if self.count == 1:
+            return [value]
+        values = [None] * self.count
+        torch.distributed.all_gather_object(values, value)
+        return values
 
 
 def _duration(seconds: float) -> str:
@@ -320,12 +497,13 @@ class Pipeline:
     per-step log lines and transformers' progress bars. ``progress_seconds``: also a progress
     line of each training stage at most every that many seconds (``TrainingProgress``; None:
     none). After each stage its plots are drawn (``wmss.recipe.plots``) and listed in the run
-    report under ``"plots"``; without matplotlib one line says they were skipped.
+    report under ``"plots"``; without matplotlib one line says they were skipped. On several
+    processes only the main one logs (see the module doc).
     """
 
     def __init__(self, config: PipelineConfig, log: Callable[[str], None] = print,
                  verbose: bool = True, progress_seconds: Optional[float] = None):
-        self.config, self.log, self.verbose = config, log, verbose
+        self.config, self._log, self.verbose = config, log, verbose
         self.progress_seconds = (None if progress_seconds is None else
                                  _check_real("progress_seconds", progress_seconds, low=0.0))
         self.root = config.output_dir
@@ -333,6 +511,11 @@ class Pipeline:
         self.dataset = None
         self.plots: list[str] = []
         self._plots_skipped = False
+        self.processes: Optional[_Processes] = None  # known once run() has set up the processes
+
+    def log(self, line: str) -> None:
+        if self.processes is None or self.processes.is_main:
+            self._log(line)
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -381,12 +564,7 @@ class Pipeline:
             raise ValueError(f"{c.data}: no record has a supervised token after encoding with "
                              f"max_length={c.max_length} (prompts fill every sequence, or "
                              "nothing is marked for training): there is nothing to train on")
-        try:  # a dry run: values TrainingArguments refuses fail now, not after the SFT
-            self._training_args(os.path.join(self.root, CHECKPOINTS_DIR), c.sft_epochs)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"extra_training_args: TrainingArguments refuses them: "
-                             f"{error}") from None
-        if existing is None:
+        if existing is None and self.processes.is_main:
             atomic_write_json(os.path.join(self.root, RUN_FILE), wanted, indent=2)
         self.log(f"[wmss] {len(self.dataset)} examples from {c.data}")
 
@@ -402,7 +580,7 @@ class Pipeline:
             activation_checkpointing=c.activation_checkpointing, seed=c.seed,
             save_steps=c.save_steps, logging_steps=c.logging_steps, use_cpu=c.use_cpu,
             **{"save_strategy": "steps", "save_total_limit": 2, "weight_decay": 0.0,
-               "disable_tqdm": True, **c.extra_training_args})
+               "disable_tqdm": True, **_parallelism_arguments(c), **c.extra_training_args})
 
     def _train(self, trainer, checkpoints: str):
         """``trainer.train()``, resuming from the stage's last complete checkpoint if any."""
@@ -423,26 +601,34 @@ class Pipeline:
         # A save interrupted by a kill or a full disk left a newer checkpoint without the marker:
         # moved aside, so the resumed run's save of that step does not write into it.
         step = int(resume.rsplit("-", 1)[1]) if resume else 0
-        set_aside_incomplete_checkpoints(checkpoints, after_step=step)
+        if self.processes.is_main:
+            set_aside_incomplete_checkpoints(checkpoints, after_step=step)
+        self.processes.barrier()  # every process resumes from the same checkpoint
         return trainer.train(resume_from_checkpoint=resume)
 
     def _stage(self, name: str, work: Callable[[str], dict]) -> dict:
         """Run ``work(stage_dir)`` unless the stage already finished; record its report."""
+        processes = self.processes
         stage_dir = os.path.join(self.root, name)
         report_path = os.path.join(stage_dir, REPORT_FILE)
+        processes.barrier()  # the previous stage's files are written
         done = _read_json(report_path)
         if done is not None:
             self.log(f"[wmss] {name}: done earlier, skipped")
             self._plot(name, stage_dir, done)
             return done
-        os.makedirs(stage_dir, exist_ok=True)
+        processes.on_main(lambda: os.makedirs(stage_dir, exist_ok=True))
         self.log(f"[wmss] {name}: running")
         start = time.perf_counter()
         report = {"stage": name, **work(stage_dir)}
         report["seconds"] = round(time.perf_counter() - start, 3)
-        atomic_write_json(report_path, report, indent=2)
-        # Only now: a kill before the report was written resumes from these checkpoints.
-        shutil.rmtree(os.path.join(stage_dir, CHECKPOINTS_DIR), ignore_errors=True)
+
+        def record():
+            atomic_write_json(report_path, report, indent=2)
+            # Only now: a kill before the report was written resumes from these checkpoints.
+            shutil.rmtree(os.path.join(stage_dir, CHECKPOINTS_DIR), ignore_errors=True)
+
+        processes.on_main(record)
         self.log(f"[wmss] {name}: done in {_duration(report['seconds'])}")
         self._plot(name, stage_dir, report)
         return report
@@ -452,7 +638,7 @@ class Pipeline:
         a plot never stops the run: a missing matplotlib or a failed plot is one log line."""
         from . import plots
 
-        if self._plots_skipped:
+        if self._plots_skipped or not self.processes.is_main:
             return
         reason = plots.plotting_unavailable()
         if reason is not None:
@@ -466,76 +652,197 @@ class Pipeline:
             return
         self.plots += [os.path.join(stage_dir, file) for file in drawn]
 
-    def _logit_stats(self, model) -> dict:
+    def _save_model_atomically(self, model, final_dir: str) -> None:
+        """Write ``model`` (whole: gathered from every process under FSDP or ZeRO-3) and the
+        tokenizer to a sibling temporary folder, then rename it into place. Called on every
+        process; the main one writes."""
+        from ..hf.distributed import save_pretrained_full
+
+        from ..hf.lora import is_peft_model, save_strong
+
+        processes, partial = self.processes, final_dir + ".partial"
+        processes.on_main(lambda: shutil.rmtree(partial, ignore_errors=True))
+        if is_peft_model(model):  # its active adapter; LoRA runs are never sharded
+            processes.on_main(lambda: save_strong(model, partial, merged=False))
+        else:
+            save_pretrained_full(model, partial, is_main_process=processes.is_main)
+
+        def publish():
+            self.tokenizer.save_pretrained(partial)
+            if os.path.exists(final_dir):  # an earlier attempt died between rename and report
+                shutil.rmtree(final_dir)
+            os.replace(partial, final_dir)
+
+        processes.on_main(publish)
+
+    def _logit_stats(self, model, saved: str) -> dict:
         """The means of ``wmss.logit_stats`` of a model this run produced (the SFT model, each
         round's strong model) over the whole data set's supervised tokens, for its stage report
-        (``wmss.recipe.inspect.inspect_models``; no ``[tokens, vocab]`` logits)."""
+        (``wmss.recipe.inspect.inspect_models``; no ``[tokens, vocab]`` logits). Computed by the
+        main process, on ``model`` itself, or where FSDP or ZeRO-3 shard it, on the copy saved in
+        ``saved``, loaded whole."""
+        from ..hf.distributed import is_sharded
         from .inspect import inspect_models
 
         c = self.config
-        result = inspect_models(model, self.dataset, batch_size=c.selection_batch_size,
-                                pad_token_id=pad_token_id(self.tokenizer), backend=c.backend)
-        return {"supervised_tokens": result["supervised_tokens"], **result["means"]["strong"]}
+        sharded = is_sharded(model)
+
+        def compute():
+            whole = model
+            if sharded:
+                with _loading_whole_models():
+                    whole = load_causal_lm(saved, c.dtype).to(self.processes.device)
+            result = inspect_models(whole, self.dataset, batch_size=c.selection_batch_size,
+                                    pad_token_id=pad_token_id(self.tokenizer), backend=c.backend)
+            return {"supervised_tokens": result["supervised_tokens"], **result["means"]["strong"]}
+
+        return self.processes.on_main(compute)
 
     # ---- stages ------------------------------------------------------------------------------
 
     def _sft(self, stage_dir: str, base: str) -> dict:
         from transformers import Trainer
 
-        model = load_causal_lm(base, self.config.dtype)
         checkpoints = os.path.join(stage_dir, CHECKPOINTS_DIR)
-        trainer = Trainer(model=model, args=self._training_args(checkpoints, self.config.sft_epochs),
-                          train_dataset=self.dataset, processing_class=self.tokenizer,
+        # The arguments first: under ZeRO-3 from_pretrained then loads the model partitioned.
+        args = self._training_args(checkpoints, self.config.sft_epochs)
+        model = load_causal_lm(base, self.config.dtype)
+        if self.config.lora_rank is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, self._lora_config())
+        trainer = Trainer(model=model, args=args, train_dataset=self.dataset,
+                          processing_class=self.tokenizer,
                           data_collator=Collator(pad_token_id(self.tokenizer)))
         result = self._train(trainer, checkpoints)
-        _save_model_atomically(model, self.tokenizer, os.path.join(stage_dir, "model"))
-        return {"model": os.path.join(stage_dir, "model"), "base": base,
+        model_dir = os.path.join(stage_dir, "model")
+        self._save_model_atomically(model, model_dir)
+        return {"model": model_dir, "base": base,
                 "train_loss": result.training_loss, "steps": result.global_step,
-                LOGIT_STATS_KEY: self._logit_stats(model), "log": trainer.state.log_history}
+                LOGIT_STATS_KEY: self._logit_stats(model, model_dir),
+                "log": trainer.state.log_history}
 
     def _select(self, stage_dir: str, weak: str, strong: str) -> dict:
         """WD-DS, the same flow and files as ``wmss select`` (scores, active set, summary)."""
         from . import selection
 
         c = self.config
-        strong_model, weak_model = load_causal_lm(strong, c.dtype), load_causal_lm(weak, c.dtype)
-        if torch.cuda.is_available() and not c.use_cpu:
-            strong_model, weak_model = strong_model.cuda(), weak_model.cuda()
-        scores = selection.score_dataset(
-            strong_model, weak_model, self.dataset, batch_size=c.selection_batch_size,
-            pad_token_id=pad_token_id(self.tokenizer),
-            output=os.path.join(stage_dir, selection.SCORES_FILE), backend=c.backend,
-            progress=False)
-        del strong_model, weak_model
-        chosen = selection.select_active(scores, c.selection_options())
-        selection.save_selection(chosen, stage_dir, extra_summary={
-            "data": c.data, "models": {"strong": strong, "weak": weak}})
+        device = self.processes.device  # this process's own device (cuda:LOCAL_RANK, or cpu)
+        with _loading_whole_models():
+            models = [load_causal_lm(source, c.dtype).to(device) for source in (strong, weak)]
+        scores = self._score(*models, os.path.join(stage_dir, selection.SCORES_FILE))
+        del models
+        chosen = selection.select_active(scores, c.selection_options())  # the same everywhere
+        self.processes.on_main(lambda: selection.save_selection(chosen, stage_dir, extra_summary={
+            "data": c.data, "models": {"strong": strong, "weak": weak}}))
         self.log(f"[wmss] selected {len(chosen.active)} of {len(self.dataset)} examples")
         return {"weak": weak, "strong": strong, "active": len(chosen.active),
                 "summary": chosen.summary}
+
+    def _score(self, strong_model, weak_model, output: str):
+        """``score_dataset`` of the whole data set into ``output``. On several processes each
+        scores its share (examples ``rank::world``, resumable in a file of its own beside
+        ``output``) and the main process writes the merged scores."""
+        from . import selection
+
+        c, processes = self.config, self.processes
+        options = dict(batch_size=c.selection_batch_size, backend=c.backend, progress=False,
+                       pad_token_id=pad_token_id(self.tokenizer))
+        if processes.count == 1:
+            return selection.score_dataset(strong_model, weak_model, self.dataset, output=output,
+                                           **options)
+        shares = [f"{output}.process-{rank}-of-{processes.count}"
+                  for rank in range(processes.count)]
+        indices = list(range(processes.index, len(self.dataset), processes.count))
+        part = None
+        if indices:  # fewer examples than processes leave some without a share
+            part = selection.score_dataset(strong_model, weak_model,
+                                           [self.dataset[i] for i in indices],
+                                           output=shares[processes.index], **options)
+            part = (indices, part.entropy_strong, part.entropy_weak, part.tokens,
+                    part.metadata["models"])
+        parts = [p for p in processes.gather(part) if p is not None]
+        size = len(self.dataset)
+        strong, weak = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+        tokens = torch.zeros(size, dtype=torch.int64)
+        for where, *values, _ in parts:
+            for merged, value in zip((strong, weak, tokens), values):
+                merged[where] = value
+        scores = selection.DatasetScores(strong, weak, tokens, {
+            "dataset_sha256": selection.dataset_fingerprint(self.dataset),
+            "models": parts[0][-1]})
+
+        def save():
+            scores.save(output)
+            for share in shares:  # merged: the shares are no longer needed to resume
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(share)
+
+        processes.on_main(save)
+        return scores
+
+    def _lora_config(self):
+        from peft import LoraConfig
+
+        c = self.config
+        return LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                          target_modules=c.lora_target_modules, task_type="CAUSAL_LM")
+
+    def _lora_models(self, weak: str, strong: str) -> tuple:
+        """A round's LoRA pair on one copy of the base: the strong adapter (trained further) and
+        the weak model as ``apply_wmss`` names it inside the same PEFT model."""
+        from peft import PeftModel
+
+        c = self.config
+        model = PeftModel.from_pretrained(load_causal_lm(c.base_model, c.dtype), strong,
+                                          is_trainable=True)
+        if weak != c.base_model:  # a later round: the previous strong adapter
+            model.load_adapter(weak, adapter_name=LORA_WEAK_ADAPTER, is_trainable=c.train_weak)
+        elif c.train_weak:  # round 1 trains M0 as a zero-initialised adapter (exactly M0)
+            model.add_adapter(LORA_WEAK_ADAPTER, self._lora_config())
+        else:  # round 1, frozen: M0 is the base itself, with the adapters off
+            return model, "base"
+        return model, f"adapter:{LORA_WEAK_ADAPTER}"
 
     def _joint_train(self, stage_dir: str, weak: str, strong: str, active: list[int]) -> dict:
         from ..hf.pair import apply_wmss
         from ..hf.trainer import WMSSTrainer
 
         c = self.config
-        pair = apply_wmss(load_causal_lm(strong, c.dtype), load_causal_lm(weak, c.dtype),
-                          lam=c.lam, train_weak=c.train_weak, gap_threshold=c.gap_threshold,
-                          backend=c.backend)
         checkpoints = os.path.join(stage_dir, CHECKPOINTS_DIR)
-        trainer = WMSSTrainer(pair, self._training_args(checkpoints, c.wmss_epochs),
-                              train_dataset=[self.dataset[i] for i in active],
+        # The arguments first: under ZeRO-3 from_pretrained then loads the models partitioned.
+        args = self._training_args(checkpoints, c.wmss_epochs)
+        if c.lora_rank is None:
+            strong_model, weak_model = load_causal_lm(strong, c.dtype), load_causal_lm(weak, c.dtype)
+        else:
+            strong_model, weak_model = self._lora_models(weak, strong)
+        pair = apply_wmss(strong_model, weak_model, lam=c.lam, train_weak=c.train_weak,
+                          gap_threshold=c.gap_threshold, backend=c.backend)
+        trainer = WMSSTrainer(pair, args, train_dataset=[self.dataset[i] for i in active],
                               processing_class=self.tokenizer)
         result = self._train(trainer, checkpoints)
         model_dir = os.path.join(os.path.dirname(stage_dir), "model")
-        _save_model_atomically(pair, self.tokenizer, model_dir)
+        self._save_model_atomically(pair.strong, model_dir)
         return {"weak": weak, "strong": strong, "model": model_dir,
                 "train_loss": result.training_loss, "steps": result.global_step,
-                LOGIT_STATS_KEY: self._logit_stats(pair.strong), "log": trainer.state.log_history}
+                LOGIT_STATS_KEY: self._logit_stats(pair.strong, model_dir), "log": trainer.state.log_history}
 
     def run(self) -> dict:
-        """Every stage not finished yet, holding the output directory's lock throughout."""
-        with directory_lock(self.root, "wmss train"):
+        """Every stage not finished yet, holding the output directory's lock throughout (the main
+        process holds it for all the processes of a launched run)."""
+        try:  # a dry run: values TrainingArguments refuses fail now, not after the SFT; it also
+            # sets up the processes (and DeepSpeed's) as Trainer will use them
+            self._training_args(os.path.join(self.root, CHECKPOINTS_DIR), self.config.sft_epochs)
+        except (TypeError, ValueError) as error:
+            c = self.config
+            settings = ["extra_training_args"] + [
+                name for name in ("fsdp_config", "deepspeed_config") if getattr(c, name)]
+            raise ValueError(f"{', '.join(settings)}: TrainingArguments refuses them: "
+                             f"{error}") from None
+        self.processes = _Processes()
+        with contextlib.ExitStack() as held:
+            self.processes.on_main(
+                lambda: held.enter_context(directory_lock(self.root, "wmss train")))
             return self._run()
 
     def _run(self) -> dict:
@@ -567,7 +874,8 @@ class Pipeline:
         report = {"config": c.fingerprint(), "final_model": strong, LOGIT_STATS_KEY: produced,
                   PLOTS_KEY: list(self.plots),
                   "stages": [{k: v for k, v in s.items() if k != "log"} for s in stages]}
-        atomic_write_json(os.path.join(self.root, REPORT_FILE), report, indent=2)
+        self.processes.on_main(
+            lambda: atomic_write_json(os.path.join(self.root, REPORT_FILE), report, indent=2))
         if self.plots:
             self.log("[wmss] plots: " + ", ".join(os.path.relpath(p, self.root)
                                                   for p in self.plots))

@@ -63,8 +63,8 @@ def _check_vocabulary(name: str, model: nn.Module, head: hf.LMHead, catalog: _Ca
     if rows is not None and catalog.max_input_id >= rows:
         raise ValueError(f"{name} has {rows} input embeddings but the data set holds token id "
                          f"{catalog.max_input_id}; was it tokenised for another model?")
-    if catalog.max_label >= head.weight.shape[0]:
-        raise ValueError(f"{name}'s lm head has {head.weight.shape[0]} outputs but the data set "
+    if catalog.max_label >= head.vocab_size:
+        raise ValueError(f"{name}'s lm head has {head.vocab_size} outputs but the data set "
                          f"holds label {catalog.max_label}")
 
 

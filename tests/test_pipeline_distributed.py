@@ -1,0 +1,168 @@
+"""``wmss train`` launched on two processes (``torchrun``, CPU, gloo): every process runs every
+stage, selection scores one share of the data set per process, and only the main process writes
+the run's files (one report, one final model, one set of scores merged in data-set order)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from wmss import commands as cli
+from wmss.io import directory_lock
+from wmss.recipe import selection
+from wmss.recipe.data import load_dataset_file
+from wmss.recipe.pipeline import PipelineConfig
+from pipeline_fixtures import prompt_records, tiny_workspace
+from wmss.recipe.toy import char_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "pipeline_worker.py")
+PROCESSES = 2
+# The ZeRO-3 configuration of these tests: examples/zero3.json's settings, sized by Trainer;
+# every tensor partitioned, however small (DeepSpeed keeps tensors below 1e5 elements whole by
+# default, which would be every tensor of these tiny models).
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+         "train_micro_batch_size_per_gpu": "auto",
+         "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+         "gradient_clipping": "auto"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny base model with its tokenizer, and 15 records (not a multiple of the
+    process count, so the shares differ in size)."""
+    root = tmp_path_factory.mktemp("launched")
+    return (root, *tiny_workspace(root, prompt_records(15)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(fsdp_config={}, deepspeed_config={}), "give fsdp_config or deepspeed_config, not both"),
+    (dict(deepspeed_config={}, use_cpu=True), "deepspeed_config with use_cpu"),
+    (dict(fsdp_config={}, use_cpu=True), "fsdp_config: accelerate runs FSDP on GPUs only"),
+    (dict(deepspeed_config="MISSING"), "deepspeed_config: .*missing.json is not a readable JSON"),
+    (dict(fsdp_config="LIST"), "fsdp_config: .*list.json holds a JSON list, not an object"),
+    (dict(deepspeed_config=3), "deepspeed_config must be a JSON file's path or a dict"),
+])
+def test_parallelism_settings_that_cannot_work_are_refused_by_name(workspace, overrides,
+                                                                   message):
+    root, base, data = workspace
+    (root / "list.json").write_text("[1]")
+    files = {"MISSING": str(root / "missing.json"), "LIST": str(root / "list.json")}
+    overrides = {k: files.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+    settings = dict(output_dir=str(root / "refused"), data=data, base_model=base)
+    with pytest.raises((ValueError, TypeError), match=message):
+        PipelineConfig(**{**settings, **overrides})
+
+
+def test_wmss_train_names_a_bad_deepspeed_file(workspace, capsys):
+    root, base, data = workspace
+    assert cli.main(["train", "--base", base, "--data", data, "--output-dir", str(root / "cli"),
+                     "--deepspeed", str(root / "nowhere.json")]) == 1
+    assert "deepspeed_config: " in capsys.readouterr().err
+    assert not os.path.exists(root / "cli" / "run.json")
+
+
+def launch(output_dir, base, data, *extra, timeout=600, program=("-m", "wmss", "train")):
+    """``torchrun --nproc_per_node=2 -m wmss train ...`` as a user types it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={PROCESSES}", *program, "--base", base,
+               "--data", data, "--output-dir", str(output_dir), "--rounds", "1", "--lr", "1e-3",
+               "--batch-size", "2", "--grad-accum", "2", "--max-length", "64", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, cwd=ROOT, timeout=timeout, capture_output=True,
+                          text=True)
+
+
+def assert_scores_are_the_whole_data_set_in_order(out, base, data):
+    """The merged scores equal one process scoring every record with the same two models."""
+    stage = out / "round-1" / "selection"
+    merged = selection.DatasetScores.load(stage / selection.SCORES_FILE)
+    dataset = load_dataset_file(data, char_tokenizer(), 64)
+    strong = AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
+    weak = AutoModelForCausalLM.from_pretrained(base)
+    alone = selection.score_dataset(strong, weak, dataset, progress=False, backend="torch")
+    assert len(merged) == len(dataset)
+    for name in ("entropy_strong", "entropy_weak", "tokens"):
+        torch.testing.assert_close(getattr(merged, name), getattr(alone, name), rtol=1e-6,
+                                   atol=1e-9)
+    assert merged.metadata == alone.metadata  # the whole data set's and models' signatures
+    assert not [f for f in os.listdir(stage) if ".process-" in f]  # the shares were merged
+
+
+def assert_a_complete_model(folder, like):
+    """A model folder with every tensor at its full shape (not a ZeRO-3 shard of 0 elements)."""
+    saved = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(like).state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
+    assert os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+
+
+@pytest.mark.slow
+def test_wmss_train_on_two_processes_writes_one_run(workspace):
+    root, base, data = workspace
+    out = root / "ddp"
+    run = launch(out, base, data, "--cpu")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count('"final_model"') == 1         # the main process reports
+    assert run.stdout.count("[wmss] sft: running") == 1  # and logs, once
+    report = json.loads((out / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["sft", "round-1/selection",
+                                                      "round-1/train"]
+    for stage in ("sft", "round-1"):
+        assert_a_complete_model(out / stage / "model", base)
+        assert not os.path.exists(out / stage / "model.partial")
+    assert_scores_are_the_whole_data_set_in_order(out, base, data)
+    trained = report["stages"][2]
+    assert trained["steps"] >= 1 and torch.isfinite(torch.tensor(trained["train_loss"]))
+
+
+@pytest.mark.slow
+def test_an_error_on_the_main_process_stops_every_process(workspace, tmp_path):
+    """The output directory is held by another run: the main process cannot take the lock, and
+    the other process, which would wait for it at the first stage, gets the same error at once,
+    also where no launcher stops the processes when one fails (the worker catches the error)."""
+    root, base, data = workspace
+    out = root / "busy"
+    with directory_lock(str(out), "another run"):
+        start = time.monotonic()
+        run = launch(out, base, data, "--cpu", timeout=300)  # the command: one message
+        assert run.returncode != 0
+        assert run.stderr.count("wmss train: error:") == 1, run.stderr[-4000:]
+        assert "another run" in run.stderr
+        worker = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={PROCESSES}", WORKER, "catch", str(tmp_path), str(out), base,
+             data],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300,
+            capture_output=True, text=True)
+    assert worker.returncode == 0, worker.stderr[-4000:]
+    for rank in range(PROCESSES):
+        seen = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert seen["error"] in ("DirectoryInUseError", "OSError"), seen
+        assert "another run" in seen["message"]
+    assert time.monotonic() - start < 240  # no process left waiting for the collective timeout
+    assert not os.path.exists(out / "run.json")
+
+
+@pytest.mark.slow
+def test_wmss_train_under_deepspeed_zero3_saves_whole_models(workspace):
+    """``wmss train --deepspeed`` with a ZeRO-3 configuration: the models load partitioned
+    (``zero.Init``), yet every saved model is whole and selection runs on whole models.
+    On CPUs through ``pipeline_worker.py deepspeed-on-cpu`` (accelerate prepares DeepSpeed on
+    GPU machines only; the worker's docstring says what it changes)."""
+    pytest.importorskip("deepspeed")
+    root, base, data = workspace
+    config = root / "zero3.json"
+    config.write_text(json.dumps(ZERO3))
+    out = root / "zero3"
+    run = launch(out, base, data, "--deepspeed", str(config),
+                 program=(WORKER, "deepspeed-on-cpu"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    for stage in ("sft", "round-1"):
+        assert_a_complete_model(out / stage / "model", base)
+    assert_scores_are_the_whole_data_set_in_order(out, base, data)
