@@ -134,3 +134,15 @@ def test_save_pretrained_full_on_one_process_saves_a_loadable_model_and_a_peft_a
     loaded = peft.PeftModel.from_pretrained(
         tiny_causal_lm("qwen3", vocab_size=61, hidden_size=32, seed=1), str(tmp_path / "adapter"))
     assert_same(loaded.state_dict(), lora.state_dict(), "adapter")
+
+
+def test_gathering_an_unsharded_model_needs_no_deepspeed(tmp_path, monkeypatch):
+    """DeepSpeed is optional: without it installed, a plain (or DDP) model is gathered and saved."""
+    from wmss.hf.distributed import full_state_dict, save_pretrained_full
+    from wmss.recipe.toy import tiny_causal_lm
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now fails
+    model = tiny_causal_lm("qwen3", vocab_size=61, hidden_size=32, seed=1)
+    assert_same(full_state_dict(model), model.state_dict(), "gathered")
+    save_pretrained_full(model, tmp_path / "saved")
+    assert_same(load_causal_lm(str(tmp_path / "saved")).state_dict(), model.state_dict(), "saved")

@@ -106,6 +106,8 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
 def _zero3_gather(parameters: list, main: bool, every_process: bool, copies: dict) -> None:
     """Gather ZeRO-3 ``parameters`` group by group (``ZERO3_GATHER_ELEMENTS``) and copy them to
     ``copies[id(parameter)]`` (on the main process, or on every process)."""
+    if not parameters:  # nothing partitioned: DeepSpeed may not even be installed
+        return
     import deepspeed
 
     def flush(group):
