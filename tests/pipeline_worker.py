@@ -4,6 +4,11 @@
     ``Pipeline.run`` that catches the run's error and writes it to ``RESULT_DIR/rank-R.json``,
     as a script driving the pipeline under a launcher that does not stop the other processes
     when one fails would see it.
+``pipeline_worker.py fsdp-on-cpu WMSS_TRAIN_ARGS...``
+    ``wmss train WMSS_TRAIN_ARGS`` (with ``--fsdp``) on CPUs: accelerate runs FSDP on GPUs only
+    (and ``wmss train`` refuses ``--fsdp`` elsewhere, ``pipeline.fsdp_runs_here``);
+    ``distributed_trainer_worker.enable_fsdp_on_cpu`` (its docstring says how and why) makes
+    accelerate finish its GPU branch on CPUs, and the refusal is lifted for this process.
 ``pipeline_worker.py deepspeed-on-cpu WMSS_TRAIN_ARGS...``
     ``wmss train WMSS_TRAIN_ARGS`` (with ``--deepspeed``) on CPUs. accelerate prepares DeepSpeed
     on GPU machines only; ``distributed_trainer_worker.enable_deepspeed_on_cpu`` (its docstring
@@ -45,11 +50,24 @@ def deepspeed_on_cpu(*arguments: str) -> int:
     return commands.main(["train", *arguments])
 
 
+def fsdp_on_cpu(*arguments: str) -> int:
+    from distributed_trainer_worker import enable_fsdp_on_cpu
+
+    from wmss import commands
+    from wmss.recipe import pipeline
+
+    enable_fsdp_on_cpu()
+    pipeline.fsdp_runs_here = lambda use_cpu: True
+    return commands.main(["train", *arguments])
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode == "catch":
         catch(*rest)
     elif mode == "deepspeed-on-cpu":
         sys.exit(deepspeed_on_cpu(*rest))
+    elif mode == "fsdp-on-cpu":
+        sys.exit(fsdp_on_cpu(*rest))
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from wmss import commands as cli
@@ -22,6 +23,7 @@ from wmss.recipe.toy import char_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "pipeline_worker.py")
+EXAMPLE_FSDP2 = os.path.join(ROOT, "examples", "fsdp2.json")
 PROCESSES = 2
 # The ZeRO-3 configuration of these tests: examples/zero3.json's settings, sized by Trainer;
 # every tensor partitioned, however small (DeepSpeed keeps tensors below 1e5 elements whole by
@@ -94,6 +96,13 @@ def assert_scores_are_the_whole_data_set_in_order(out, base, data):
     assert not [f for f in os.listdir(stage) if ".process-" in f]  # the shares were merged
 
 
+def assert_trained_with(out, kind):
+    """Both training stages ran as ``kind`` (accelerate's distributed type) on 2 processes."""
+    for stage in ("sft", "round-1/train"):
+        report = json.loads((out / stage / "report.json").read_text())
+        assert report["parallelism"] == {"type": kind, "processes": PROCESSES}, stage
+
+
 def assert_a_complete_model(folder, like):
     """A model folder with every tensor at its full shape (not a ZeRO-3 shard of 0 elements)."""
     saved = AutoModelForCausalLM.from_pretrained(folder).state_dict()
@@ -117,6 +126,7 @@ def test_wmss_train_on_two_processes_writes_one_run(workspace):
         assert_a_complete_model(out / stage / "model", base)
         assert not os.path.exists(out / stage / "model.partial")
     assert_scores_are_the_whole_data_set_in_order(out, base, data)
+    assert_trained_with(out, "MULTI_CPU")
     trained = report["stages"][2]
     assert trained["steps"] >= 1 and torch.isfinite(torch.tensor(trained["train_loss"]))
 
@@ -163,6 +173,28 @@ def test_wmss_train_under_deepspeed_zero3_saves_whole_models(workspace):
     run = launch(out, base, data, "--deepspeed", str(config),
                  program=(WORKER, "deepspeed-on-cpu"))
     assert run.returncode == 0, run.stderr[-4000:]
+    assert_trained_with(out, "DEEPSPEED")
+    for stage in ("sft", "round-1"):
+        assert_a_complete_model(out / stage / "model", base)
+    assert_scores_are_the_whole_data_set_in_order(out, base, data)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="transformers 4's Trainer asks for a GPU-like device when it sets up FSDP")
+def test_wmss_train_under_fsdp2_saves_whole_models(workspace):
+    """``wmss train --fsdp`` with FSDP2 wrapping each decoder layer and sharded checkpoints:
+    every saved model is whole. On CPUs through ``pipeline_worker.py fsdp-on-cpu`` (accelerate
+    runs FSDP on GPUs only; the worker's docstring says what it changes)."""
+    root, base, data = workspace
+    config = root / "fsdp2.json"
+    config.write_text(json.dumps({**json.loads(open(EXAMPLE_FSDP2).read()),
+                                  "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
+    out = root / "fsdp2"
+    run = launch(out, base, data, "--cpu", "--fsdp", str(config),
+                 program=(WORKER, "fsdp-on-cpu"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert_trained_with(out, "FSDP")
     for stage in ("sft", "round-1"):
         assert_a_complete_model(out / stage / "model", base)
     assert_scores_are_the_whole_data_set_in_order(out, base, data)

@@ -58,6 +58,8 @@ from ..validation import check_choice, check_flag, check_int
 RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
 # Key of the report entries holding the means of wmss.logit_stats of each model a stage produced.
 LOGIT_STATS_KEY = "logit_stats"
+# Key of a training stage's report entry saying how it ran (Pipeline._parallelism).
+PARALLELISM_KEY = "parallelism"
 DTYPES = ("float32", "bfloat16", "float16")
 # TrainingArguments the pipeline sets from its own settings (so extra_training_args may not).
 PIPELINE_TRAINING_ARGS = {
@@ -103,6 +105,13 @@ def _check_model_source(name: str, source: str) -> None:
         AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ValueError(f"{name}: no model can be loaded from {source!r} ({error})") from None
+
+
+def fsdp_runs_here(use_cpu: bool) -> bool:
+    """Whether accelerate would run FSDP for this run: on GPUs only (``AcceleratorState`` keeps
+    its FSDP plugin for GPU-like devices and prepares DDP on CPUs). Tests that run FSDP on CPUs
+    replace it (see tests/pipeline_worker.py)."""
+    return not use_cpu and torch.cuda.is_available()
 
 
 def _check_parallelism_config(name: str, value) -> Optional[str | dict]:
@@ -245,7 +254,7 @@ class PipelineConfig:
         if self.deepspeed_config is not None and self.use_cpu:
             raise ValueError("deepspeed_config with use_cpu: accelerate does not set DeepSpeed "
                              "up for a run told to use the CPU; drop use_cpu (--cpu)")
-        if self.fsdp_config is not None and (self.use_cpu or not torch.cuda.is_available()):
+        if self.fsdp_config is not None and not fsdp_runs_here(self.use_cpu):
             raise ValueError("fsdp_config: accelerate runs FSDP on GPUs only (on CPUs it would "
                              "silently train with DDP instead); run on GPUs, or drop fsdp_config")
         self._check_lora()
@@ -582,6 +591,12 @@ class Pipeline:
             **{"save_strategy": "steps", "save_total_limit": 2, "weight_decay": 0.0,
                "disable_tqdm": True, **_parallelism_arguments(c), **c.extra_training_args})
 
+    def _parallelism(self, trainer) -> dict:
+        """How a training stage ran, for its report: accelerate's distributed type ("NO",
+        "MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED", ...) and the process count."""
+        kind = trainer.accelerator.distributed_type
+        return {"type": getattr(kind, "value", str(kind)), "processes": self.processes.count}
+
     def _train(self, trainer, checkpoints: str):
         """``trainer.train()``, resuming from the stage's last complete checkpoint if any."""
         from transformers import PrinterCallback
@@ -719,6 +734,7 @@ class Pipeline:
         self._save_model_atomically(model, model_dir)
         return {"model": model_dir, "base": base,
                 "train_loss": result.training_loss, "steps": result.global_step,
+                PARALLELISM_KEY: self._parallelism(trainer),
                 LOGIT_STATS_KEY: self._logit_stats(model, model_dir),
                 "log": trainer.state.log_history}
 
@@ -825,6 +841,7 @@ class Pipeline:
         self._save_model_atomically(pair.strong, model_dir)
         return {"weak": weak, "strong": strong, "model": model_dir,
                 "train_loss": result.training_loss, "steps": result.global_step,
+                PARALLELISM_KEY: self._parallelism(trainer),
                 LOGIT_STATS_KEY: self._logit_stats(pair.strong, model_dir), "log": trainer.state.log_history}
 
     def run(self) -> dict:
