@@ -25,13 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "pipeline_worker.py")
 EXAMPLE_FSDP2 = os.path.join(ROOT, "examples", "fsdp2.json")
 PROCESSES = 2
-# The ZeRO-3 configuration of these tests: examples/zero3.json's settings, sized by Trainer;
-# every tensor partitioned, however small (DeepSpeed keeps tensors below 1e5 elements whole by
-# default, which would be every tensor of these tiny models).
-ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-         "train_micro_batch_size_per_gpu": "auto",
-         "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-         "gradient_clipping": "auto"}
+EXAMPLE_ZERO3 = os.path.join(ROOT, "examples", "zero3.json")
+# The shipped ZeRO-3 configuration with every tensor partitioned, however small (DeepSpeed keeps
+# tensors below 1e5 elements whole by default: every tensor of these tiny models).
+PARTITION_EVERY_TENSOR = {"stage3_param_persistence_threshold": 0}
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +164,10 @@ def test_wmss_train_under_deepspeed_zero3_saves_whole_models(workspace):
     GPU machines only; the worker's docstring says what it changes)."""
     pytest.importorskip("deepspeed")
     root, base, data = workspace
+    zero3 = json.loads(open(EXAMPLE_ZERO3).read())
+    zero3["zero_optimization"].update(PARTITION_EVERY_TENSOR)
     config = root / "zero3.json"
-    config.write_text(json.dumps(ZERO3))
+    config.write_text(json.dumps(zero3))
     out = root / "zero3"
     run = launch(out, base, data, "--deepspeed", str(config),
                  program=(WORKER, "deepspeed-on-cpu"))
