@@ -27,8 +27,13 @@
 // [vocab_block, d] weight-gradient partial sum per trained model; one converted weight block per
 // model.
 //
-// Registered as the torch custom ops wmss_native::mixed_forward, ::mixed_backward and
-// ::single_stats; their fake (meta) implementations are in wmss/loss/engines/native_engine.py.
+// A training step's forward (::mixed_forward_grads, "forward with the gradients" below) instead
+// chunks the tokens and keeps a chunk's logits over the whole vocabulary, so that it can form the
+// gradients at once: 6 products per step instead of 8.
+//
+// Registered as the torch custom ops wmss_native::mixed_forward, ::mixed_forward_grads,
+// ::mixed_backward and ::single_stats; their fake (meta) implementations are in
+// wmss/loss/engines/native_engine.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -144,12 +149,26 @@ struct PairState {
         target_mix(n, T(0)) {}
 };
 
-// One row of a block: a_s, a_w (raw logits, overwritten by the capped ones); folds the row into
-// the token's statistics. The mixture is formed twice (for its maximum, then for its exps)
-// rather than stored: the same arithmetic on the same values, so the same logits.
-template <typename T, bool CAP>
+// One token's statistics of one vocabulary block (or, merged, of the whole vocabulary): the
+// three distributions' online statistics and z[y] of each (set by the block holding the label).
+template <typename T>
+struct PairRow {
+  Online<T>& strong;
+  Online<T>& weak;
+  Online<T>& mix;
+  T& target_strong;
+  T& target_weak;
+  T& target_mix;
+};
+
+// One row of a block: a_s, a_w (raw logits); folds the row into the token's statistics. The
+// mixture is formed twice (for its maximum, then for its exps) rather than stored: the same
+// arithmetic on the same values, so the same logits. KEEP = false overwrites a_s, a_w with the
+// capped logits (the second loop then reads them); KEEP = true leaves the raw logits in place
+// (the gradient pass after it needs them for the cap's slope) and caps twice.
+template <typename T, bool CAP, bool KEEP>
 void fold_pair_row(T* zs, T* zw, const T* bs, const T* bw, int64_t count, T cap, T lam,
-                   T one_minus_lam, int64_t column, PairState<T>& state, int64_t n) {
+                   T one_minus_lam, int64_t column, PairRow<T> row) {
   T max_s = T(MASKED_LOGIT), max_w = T(MASKED_LOGIT), max_m = T(MASKED_LOGIT);
 #pragma omp simd reduction(max : max_s, max_w, max_m)
   for (int64_t v = 0; v < count; ++v) {
@@ -158,34 +177,90 @@ void fold_pair_row(T* zs, T* zw, const T* bs, const T* bw, int64_t count, T cap,
     const T z_s = CAP ? soft_cap(a_s, cap) : a_s;
     const T z_w = CAP ? soft_cap(a_w, cap) : a_w;
     const T z_m = mix(z_s, z_w, lam, one_minus_lam);
-    zs[v] = z_s;
-    zw[v] = z_w;
+    if (!KEEP) {
+      zs[v] = z_s;
+      zw[v] = z_w;
+    }
     max_s = z_s > max_s ? z_s : max_s;
     max_w = z_w > max_w ? z_w : max_w;
     max_m = z_m > max_m ? z_m : max_m;
   }
+  // The capped logit of column v: stored by the first loop, or formed again from the raw one.
+  auto capped = [&](const T* z, const T* b, int64_t v) {
+    if (!KEEP) return z[v];
+    const T a = z[v] + b[v];
+    return CAP ? soft_cap(a, cap) : a;
+  };
   T sum_s = 0, t_s = 0, sum_w = 0, t_w = 0, sum_m = 0;
 #pragma omp simd reduction(+ : sum_s, t_s, sum_w, t_w, sum_m)
   for (int64_t v = 0; v < count; ++v) {
-    const T x_s = zs[v] - max_s;
-    const T x_w = zw[v] - max_w;
+    const T z_s = capped(zs, bs, v);
+    const T z_w = capped(zw, bw, v);
+    const T x_s = z_s - max_s;
+    const T x_w = z_w - max_w;
     const T e_s = exp_(x_s);
     const T e_w = exp_(x_w);
     sum_s += e_s;
     t_s += e_s * x_s;
     sum_w += e_w;
     t_w += e_w * x_w;
-    sum_m += exp_(mix(zs[v], zw[v], lam, one_minus_lam) - max_m);
+    sum_m += exp_(mix(z_s, z_w, lam, one_minus_lam) - max_m);
   }
-  state.strong[n].merge(max_s, sum_s, t_s);
-  state.weak[n].merge(max_w, sum_w, t_w);
-  state.mix[n].merge(max_m, sum_m, T(0));
+  row.strong.merge(max_s, sum_s, t_s);
+  row.weak.merge(max_w, sum_w, t_w);
+  row.mix.merge(max_m, sum_m, T(0));
   if (column >= 0) {
-    state.target_strong[n] = zs[column];
-    state.target_weak[n] = zw[column];
-    state.target_mix[n] = mix(zs[column], zw[column], lam, one_minus_lam);
+    const T z_s = capped(zs, bs, column), z_w = capped(zw, bw, column);
+    row.target_strong = z_s;
+    row.target_weak = z_w;
+    row.target_mix = mix(z_s, z_w, lam, one_minus_lam);
   }
 }
+
+// The forward's per-token outputs: loss, the (max, logsum) pairs, entropies, log-probs ([N]
+// each, compute dtype) and the mixed mask ([N] bool), in the ops' order.
+template <typename T>
+struct PairOutputs {
+  std::vector<Tensor> tensors;
+  T *loss, *max_s, *logsum_s, *max_m, *logsum_m, *ent_s, *ent_w, *lp_s, *lp_w, *lp_m;
+  bool* is_mixed;
+
+  PairOutputs(int64_t num_tokens, const at::TensorOptions& options) {
+    for (int i = 0; i < 10; ++i) tensors.push_back(at::empty({num_tokens}, options));
+    tensors.push_back(at::empty({num_tokens}, options.dtype(at::kBool)));
+    T* p[10];
+    for (int i = 0; i < 10; ++i) p[i] = tensors[i].data_ptr<T>();
+    loss = p[0], max_s = p[1], logsum_s = p[2], max_m = p[3], logsum_m = p[4];
+    ent_s = p[5], ent_w = p[6], lp_s = p[7], lp_w = p[8], lp_m = p[9];
+    is_mixed = tensors[10].data_ptr<bool>();
+  }
+
+  // Token n's outputs from its whole-vocabulary statistics; returns whether it mixes.
+  bool finish(int64_t n, const Online<T>& s, const Online<T>& w, const Online<T>& m,
+              T target_s, T target_w, T target_m, bool supervised,
+              std::optional<double> gap_threshold) {
+    const T log_s = std::log(s.s), log_w = std::log(w.s), log_m = std::log(m.s);
+    const T h_s = log_s - s.t / s.s, h_w = log_w - w.t / w.s;
+    // (z[y] - m) is exact near the maximum; log s is kept apart (docs/design.md 2.1).
+    const T logp_s = (target_s - s.m) - log_s;
+    const T logp_w = (target_w - w.m) - log_w;
+    const T logp_m = (target_m - m.m) - log_m;
+    bool mixes = supervised;
+    if (gap_threshold.has_value()) mixes = mixes && (h_w - h_s) >= T(*gap_threshold);
+    loss[n] = mixes ? -logp_m : (supervised ? -logp_s : T(0));
+    max_s[n] = s.m;
+    logsum_s[n] = log_s;
+    max_m[n] = m.m;
+    logsum_m[n] = log_m;
+    ent_s[n] = supervised ? h_s : T(0);
+    ent_w[n] = supervised ? h_w : T(0);
+    lp_s[n] = supervised ? logp_s : T(0);
+    lp_w[n] = supervised ? logp_w : T(0);
+    lp_m[n] = supervised ? logp_m : T(0);
+    is_mixed[n] = mixes;
+    return mixes;
+  }
+};
 
 template <typename T>
 std::vector<Tensor> mixed_forward_impl(const Head& strong, const Head& weak, const Tensor& labels,
@@ -222,51 +297,23 @@ std::vector<Tensor> mixed_forward_impl(const Head& strong, const Head& weak, con
         dispatch_bool(softcap.has_value(), [&](auto capped) {
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t n = n0 + r;
-            fold_pair_row<T, decltype(capped)::value>(
-                zs + r * cols, zw + r * cols, bs, bw, cols, cap, lam,
-                one_minus_lam, local_column(y[n], v0, cols), state, n);
+            fold_pair_row<T, decltype(capped)::value, false>(
+                zs + r * cols, zw + r * cols, bs, bw, cols, cap, lam, one_minus_lam,
+                local_column(y[n], v0, cols),
+                PairRow<T>{state.strong[n], state.weak[n], state.mix[n], state.target_strong[n],
+                           state.target_weak[n], state.target_mix[n]});
           }
         });
       }
     });
   }
 
-  std::vector<Tensor> out;
-  for (int i = 0; i < 10; ++i) out.push_back(at::empty({num_tokens}, options));
-  Tensor mixed = at::empty({num_tokens}, labels.options().dtype(at::kBool));
-  T* loss = out[0].data_ptr<T>();
-  T *max_s = out[1].data_ptr<T>(), *logsum_s = out[2].data_ptr<T>();
-  T *max_m = out[3].data_ptr<T>(), *logsum_m = out[4].data_ptr<T>();
-  T *ent_s = out[5].data_ptr<T>(), *ent_w = out[6].data_ptr<T>();
-  T *lp_s = out[7].data_ptr<T>(), *lp_w = out[8].data_ptr<T>(), *lp_m = out[9].data_ptr<T>();
-  bool* is_mixed = mixed.data_ptr<bool>();
+  PairOutputs<T> out(num_tokens, options);
   for (int64_t n = 0; n < num_tokens; ++n) {
-    const Online<T>& s = state.strong[n];
-    const Online<T>& w = state.weak[n];
-    const Online<T>& m = state.mix[n];
-    const T log_s = std::log(s.s), log_w = std::log(w.s), log_m = std::log(m.s);
-    const T h_s = log_s - s.t / s.s, h_w = log_w - w.t / w.s;
-    // (z[y] - m) is exact near the maximum; log s is kept apart (docs/design.md 2.1).
-    const T logp_s = (state.target_strong[n] - s.m) - log_s;
-    const T logp_w = (state.target_weak[n] - w.m) - log_w;
-    const T logp_m = (state.target_mix[n] - m.m) - log_m;
-    const bool supervised = y[n] != ignore_index;
-    bool mixes = supervised;
-    if (gap_threshold.has_value()) mixes = mixes && (h_w - h_s) >= T(*gap_threshold);
-    loss[n] = mixes ? -logp_m : (supervised ? -logp_s : T(0));
-    max_s[n] = s.m;
-    logsum_s[n] = log_s;
-    max_m[n] = m.m;
-    logsum_m[n] = log_m;
-    ent_s[n] = supervised ? h_s : T(0);
-    ent_w[n] = supervised ? h_w : T(0);
-    lp_s[n] = supervised ? logp_s : T(0);
-    lp_w[n] = supervised ? logp_w : T(0);
-    lp_m[n] = supervised ? logp_m : T(0);
-    is_mixed[n] = mixes;
+    out.finish(n, state.strong[n], state.weak[n], state.mix[n], state.target_strong[n],
+               state.target_weak[n], state.target_mix[n], y[n] != ignore_index, gap_threshold);
   }
-  out.push_back(mixed);
-  return out;
+  return out.tensors;
 }
 
 // ---- one model's statistics (token_entropy) --------------------------------------------------
@@ -561,6 +608,237 @@ std::vector<Tensor> mixed_backward_impl(const Head& strong, const Head& weak,
   return out;
 }
 
+// ---- forward with the gradients (training) --------------------------------------------------
+//
+// The forward of a step whose gradients will be needed: the statistics AND each trained input's
+// gradient of sum_n u_n loss_n for a unit upstream gradient (u_n = 1 at every supervised token),
+// in 6 products instead of the 2 + 6 of a forward and a recomputing backward. The tokens are cut
+// into chunks of `chunk` rows; a chunk's raw logits over the WHOLE vocabulary are kept (two
+// [chunk, V] buffers, vocabulary block after vocabulary block), so its statistics are complete
+// before its logit gradients are formed in place and turned into dh (rows of the chunk) and the
+// dW, db contributions. The autograd layer scales them by the upstream gradient (dh row by row;
+// dW and db when it is the same for every supervised token, else it recomputes those).
+//
+// Threads share out the vocabulary blocks of each chunk (two parallel regions per chunk: the
+// logits and statistics, then the gradients): each block's dW and db rows belong to one thread,
+// so they are accumulated in place, chunk after chunk, in token order (deterministic whatever
+// the thread count); each thread's dh partial [chunk, d] is added in thread order.
+
+// One chunk's two phases run over its vocabulary blocks with the caller's thread-local state.
+template <typename F>
+void for_vocab_blocks(int64_t num_blocks, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, num_blocks, BLOCK_GRAIN, [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard guard(state);
+    f(first, last);
+  });
+}
+
+// One model's unit-upstream gradients ([N, d], [V, d], [V]; compute dtype) and its per-thread
+// dh partials of the current chunk.
+struct ChunkGrads {
+  bool hidden, weight, bias;
+  Tensor d_hidden, d_weight, d_bias;
+  std::vector<Tensor> hidden_parts;  // per thread [chunk, d]
+  std::vector<char> used;            // per thread: wrote its dh partial in this chunk
+
+  ChunkGrads(const Head& head, bool h, bool w, bool b, int64_t rows_max)
+      : hidden(h), weight(w), bias(b), used(at::get_num_threads(), 0) {
+    const auto compute = head.weight.options().dtype(head.compute);
+    if (hidden) {
+      d_hidden = at::zeros(head.hidden.sizes(), compute);
+      hidden_parts = per_thread({rows_max, head.hidden.size(1)}, compute);
+    }
+    if (weight) d_weight = at::zeros(head.weight.sizes(), compute);
+    if (bias) d_bias = at::zeros({head.weight.size(0)}, compute);
+  }
+
+  bool any() const { return hidden || weight || bias; }
+
+  // One [rows, cols] block of dL/da (unit upstream) at vocabulary offset v0 of the chunk n0.
+  template <typename T>
+  void accumulate(int tid, const Tensor& g, const Tensor& w_block, const Tensor& h_chunk,
+                  int64_t v0) {
+    const int64_t rows = g.size(0), cols = g.size(1);
+    if (hidden) {
+      Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
+      if (used[tid]) {
+        part.addmm_(g, w_block);
+      } else {
+        at::mm_out(part, g, w_block);
+        used[tid] = 1;
+      }
+    }
+    if (weight) d_weight.narrow(0, v0, cols).addmm_(g.t(), h_chunk);
+    if (bias) {
+      const T* gp = g.data_ptr<T>();
+      T* db = d_bias.data_ptr<T>() + v0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = gp + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) db[c] += row[c];
+      }
+    }
+  }
+
+  // The chunk's dh rows: the threads' partials added in thread order.
+  void finish_chunk(int64_t n0, int64_t rows) {
+    if (!hidden) return;
+    Tensor out = d_hidden.narrow(0, n0, rows);
+    for (size_t tid = 0; tid < used.size(); ++tid) {
+      if (!used[tid]) continue;
+      out.add_(block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1)));
+      used[tid] = 0;
+    }
+  }
+
+  void outputs(std::vector<Tensor>& out, const Head& head) const {
+    const auto empty = [&] { return at::empty({0}, head.weight.options().dtype(head.compute)); };
+    out.push_back(hidden ? d_hidden : empty());
+    out.push_back(weight ? d_weight : empty());
+    out.push_back(bias ? d_bias : empty());
+  }
+};
+
+// A weight in the compute dtype, contiguous: the input itself when it is both already, else one
+// converted copy (half-precision or strided weights), made once rather than once per chunk.
+Tensor compute_weight(const Head& head) { return head.weight.to(head.compute).contiguous(); }
+
+template <typename T>
+std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& weak,
+                                             const Tensor& labels, double lam_,
+                                             std::optional<double> softcap,
+                                             std::optional<double> gap_threshold,
+                                             int64_t ignore_index,
+                                             const std::vector<bool>& requests, int64_t chunk,
+                                             int64_t vocab_block) {
+  const int64_t num_tokens = labels.size(0), vocab = strong.weight.size(0);
+  const auto options = labels.options().dtype(strong.compute);
+  const T lam = T(lam_), one_minus_lam = T(1.0 - lam_);
+  const T cap = softcap.has_value() ? T(*softcap) : T(1);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t rows_max = std::min(chunk, std::max<int64_t>(num_tokens, 1));
+  const int64_t num_blocks = (vocab + vocab_block - 1) / vocab_block;
+
+  PairOutputs<T> out(num_tokens, options);
+  ChunkGrads grads_s(strong, requests[0], requests[1], requests[2], rows_max);
+  ChunkGrads grads_w(weak, requests[3], requests[4], requests[5], rows_max);
+  if (num_tokens > 0) {
+    const Tensor weight_s = compute_weight(strong), weight_w = compute_weight(weak);
+    const Tensor bias_s = strong.bias_block(0, vocab), bias_w = weak.bias_block(0, vocab);
+    const T* bs = bias_s.data_ptr<T>();
+    const T* bw = bias_w.data_ptr<T>();
+    // Block b of a chunk of `rows` tokens: [rows, cols_b] at offset rows * v0_b of a buffer.
+    const Tensor buffer_s = at::empty({rows_max * vocab}, options);
+    const Tensor buffer_w = at::empty({rows_max * vocab}, options);
+    // Per (block, row) statistics of the chunk, merged in block order once all are in.
+    std::vector<Online<T>> part_s(num_blocks * rows_max), part_w(num_blocks * rows_max),
+        part_m(num_blocks * rows_max);
+    std::vector<T> target_s(rows_max), target_w(rows_max), target_m(rows_max);
+    std::vector<T> coef_mix(rows_max), coef_strong(rows_max);
+    const bool need_s = grads_s.any(), need_w = grads_w.any();
+
+    for (int64_t n0 = 0; n0 < num_tokens; n0 += chunk) {
+      const int64_t rows = std::min(chunk, num_tokens - n0);
+      const Tensor h_s = strong.hidden_block(n0, rows), h_w = weak.hidden_block(n0, rows);
+      auto block = [&](const Tensor& buffer, int64_t v0, int64_t cols) {
+        return buffer.narrow(0, rows * v0, rows * cols).view({rows, cols});
+      };
+      std::fill(part_s.begin(), part_s.end(), Online<T>());
+      std::fill(part_w.begin(), part_w.end(), Online<T>());
+      std::fill(part_m.begin(), part_m.end(), Online<T>());
+      std::fill(target_s.begin(), target_s.end(), T(0));
+      std::fill(target_w.begin(), target_w.end(), T(0));
+      std::fill(target_m.begin(), target_m.end(), T(0));
+
+      // Phase 1: the raw logits of every block and each row's statistics of that block.
+      for_vocab_blocks(num_blocks, [&](int64_t first, int64_t last) {
+        for (int64_t b = first; b < last; ++b) {
+          const int64_t v0 = b * vocab_block, cols = std::min(vocab_block, vocab - v0);
+          Tensor z_s = block(buffer_s, v0, cols), z_w = block(buffer_w, v0, cols);
+          logits_into(z_s, h_s, weight_s.narrow(0, v0, cols));
+          logits_into(z_w, h_w, weight_w.narrow(0, v0, cols));
+          T* zs = z_s.data_ptr<T>();
+          T* zw = z_w.data_ptr<T>();
+          dispatch_bool(softcap.has_value(), [&](auto capped) {
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t k = b * rows_max + r;
+              fold_pair_row<T, decltype(capped)::value, true>(
+                  zs + r * cols, zw + r * cols, bs + v0, bw + v0, cols, cap, lam,
+                  one_minus_lam, local_column(y[n0 + r], v0, cols),
+                  PairRow<T>{part_s[k], part_w[k], part_m[k], target_s[r], target_w[r],
+                             target_m[r]});
+            }
+          });
+        }
+      });
+
+      // The chunk's statistics, and each token's unit coefficient for the loss it is trained
+      // with (the mixed one, or plain strong cross-entropy under gap masking; none if ignored).
+      for (int64_t r = 0; r < rows; ++r) {
+        Online<T> s, w, m;
+        for (int64_t b = 0; b < num_blocks; ++b) {
+          const Online<T>& ps = part_s[b * rows_max + r];
+          const Online<T>& pw = part_w[b * rows_max + r];
+          const Online<T>& pm = part_m[b * rows_max + r];
+          s.merge(ps.m, ps.s, ps.t);
+          w.merge(pw.m, pw.s, pw.t);
+          m.merge(pm.m, pm.s, pm.t);
+        }
+        const int64_t n = n0 + r;
+        const bool supervised = y[n] != ignore_index;
+        const bool mixes = out.finish(n, s, w, m, target_s[r], target_w[r], target_m[r],
+                                      supervised, gap_threshold);
+        coef_mix[r] = mixes ? T(1) : T(0);
+        coef_strong[r] = (supervised && !mixes) ? T(1) : T(0);
+      }
+      if (!need_s && !need_w) continue;
+
+      // Phase 2: each block's logit gradients in place, then dh, dW, db from them.
+      for_vocab_blocks(num_blocks, [&](int64_t first, int64_t last) {
+        const int tid = at::get_thread_num();
+        for (int64_t b = first; b < last; ++b) {
+          const int64_t v0 = b * vocab_block, cols = std::min(vocab_block, vocab - v0);
+          Tensor g_s = block(buffer_s, v0, cols), g_w = block(buffer_w, v0, cols);
+          T* zs = g_s.data_ptr<T>();
+          T* zw = g_w.data_ptr<T>();
+          dispatch_bool(softcap.has_value(), [&](auto capped) {
+            constexpr bool CAP = decltype(capped)::value;
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t n = n0 + r;
+              const T cm = coef_mix[r], cs = coef_strong[r];
+              T* row_s = zs + r * cols;
+              T* row_w = zw + r * cols;
+              const int64_t column = local_column(y[n], v0, cols);
+              auto run = [&](auto mixes, auto strongs) {
+                grad_row<T, CAP, decltype(mixes)::value, decltype(strongs)::value>(
+                    row_s, row_w, bs + v0, bw + v0, cols, cap, lam, one_minus_lam, column,
+                    out.max_s[n], out.logsum_s[n], out.max_m[n], out.logsum_m[n], cm, cs);
+              };
+              if (cm != T(0)) {
+                run(std::true_type{}, std::false_type{});
+              } else if (cs != T(0)) {
+                run(std::false_type{}, std::true_type{});
+              } else {  // an ignored token: no gradient
+                std::fill(row_s, row_s + cols, T(0));
+                std::fill(row_w, row_w + cols, T(0));
+              }
+            }
+          });
+          if (need_s) grads_s.accumulate<T>(tid, g_s, weight_s.narrow(0, v0, cols), h_s, v0);
+          if (need_w) grads_w.accumulate<T>(tid, g_w, weight_w.narrow(0, v0, cols), h_w, v0);
+        }
+      });
+      grads_s.finish_chunk(n0, rows);
+      grads_w.finish_chunk(n0, rows);
+    }
+  }
+  std::vector<Tensor> result = out.tensors;
+  grads_s.outputs(result, strong);
+  grads_w.outputs(result, weak);
+  return result;
+}
+
 // ---- the ops -------------------------------------------------------------------------------
 
 void check_cpu(const Tensor& t, const char* name) {
@@ -595,6 +873,43 @@ std::vector<Tensor> mixed_forward(const Tensor& strong_hidden, const Tensor& str
                                    token_block, vocab_block);
 }
 
+std::vector<bool> request_flags(const c10::List<bool>& requests) {
+  TORCH_CHECK(requests.size() == 6,
+              "wmss_native: requests holds (hidden, weight, bias) for each model, got ",
+              requests.size());
+  std::vector<bool> wanted;
+  for (size_t i = 0; i < requests.size(); ++i) wanted.push_back(requests.get(i));
+  return wanted;
+}
+
+void check_bias_requests(const std::vector<bool>& wanted, const Head& strong, const Head& weak) {
+  TORCH_CHECK(!(wanted[2] && !strong.bias.defined()) && !(wanted[5] && !weak.bias.defined()),
+              "wmss_native: a bias gradient was requested for a model without a bias");
+}
+
+std::vector<Tensor> mixed_forward_grads(
+    const Tensor& strong_hidden, const Tensor& strong_weight,
+    const std::optional<Tensor>& strong_bias, const Tensor& weak_hidden,
+    const Tensor& weak_weight, const std::optional<Tensor>& weak_bias, const Tensor& labels,
+    double lam, std::optional<double> softcap, std::optional<double> gap_threshold,
+    int64_t ignore_index, c10::List<bool> requests, int64_t chunk, int64_t vocab_block) {
+  check_cpu(strong_hidden, "strong_hidden");
+  check_cpu(weak_hidden, "weak_hidden");
+  check_blocks(chunk, vocab_block);
+  const std::vector<bool> wanted = request_flags(requests);
+  const auto compute = compute_type(strong_hidden, weak_hidden);
+  const Head strong(strong_hidden, strong_weight, strong_bias, compute);
+  const Head weak(weak_hidden, weak_weight, weak_bias, compute);
+  check_bias_requests(wanted, strong, weak);
+  const Tensor y = labels.to(at::kLong).contiguous();
+  if (compute == at::kDouble) {
+    return mixed_forward_grads_impl<double>(strong, weak, y, lam, softcap, gap_threshold,
+                                            ignore_index, wanted, chunk, vocab_block);
+  }
+  return mixed_forward_grads_impl<float>(strong, weak, y, lam, softcap, gap_threshold,
+                                         ignore_index, wanted, chunk, vocab_block);
+}
+
 std::vector<Tensor> single_stats(const Tensor& hidden, const Tensor& weight,
                                  const std::optional<Tensor>& bias, const Tensor& labels,
                                  std::optional<double> softcap, int64_t ignore_index,
@@ -621,16 +936,11 @@ std::vector<Tensor> mixed_backward(
   check_cpu(strong_hidden, "strong_hidden");
   check_cpu(weak_hidden, "weak_hidden");
   check_blocks(token_block, vocab_block);
-  TORCH_CHECK(requests.size() == 6,
-              "wmss_native: requests holds (hidden, weight, bias) for each model, got ",
-              requests.size());
-  std::vector<bool> wanted;
-  for (size_t i = 0; i < requests.size(); ++i) wanted.push_back(requests.get(i));
+  const std::vector<bool> wanted = request_flags(requests);
   const auto compute = compute_type(strong_hidden, weak_hidden);
   const Head strong(strong_hidden, strong_weight, strong_bias, compute);
   const Head weak(weak_hidden, weak_weight, weak_bias, compute);
-  TORCH_CHECK(!(wanted[2] && !strong.bias.defined()) && !(wanted[5] && !weak.bias.defined()),
-              "wmss_native: a bias gradient was requested for a model without a bias");
+  check_bias_requests(wanted, strong, weak);
   const Tensor y = labels.to(at::kLong).contiguous();
   if (compute == at::kDouble) {
     return mixed_backward_impl<double>(strong, weak, y, max_strong, logsum_strong, max_mix,
@@ -649,6 +959,10 @@ TORCH_LIBRARY(wmss_native, m) {
         "Tensor weak_hidden, Tensor weak_weight, Tensor? weak_bias, Tensor labels, float lam, "
         "float? softcap, float? gap_threshold, int ignore_index, int token_block, "
         "int vocab_block) -> Tensor[]");
+  m.def("mixed_forward_grads(Tensor strong_hidden, Tensor strong_weight, Tensor? strong_bias, "
+        "Tensor weak_hidden, Tensor weak_weight, Tensor? weak_bias, Tensor labels, float lam, "
+        "float? softcap, float? gap_threshold, int ignore_index, bool[] requests, int chunk, "
+        "int vocab_block) -> Tensor[]");
   m.def("single_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
         "float? softcap, int ignore_index, int token_block, int vocab_block) -> Tensor[]");
   m.def("mixed_backward(Tensor strong_hidden, Tensor strong_weight, Tensor? strong_bias, "
@@ -660,6 +974,7 @@ TORCH_LIBRARY(wmss_native, m) {
 
 TORCH_LIBRARY_IMPL(wmss_native, CPU, m) {
   m.impl("mixed_forward", &wmss_native::mixed_forward);
+  m.impl("mixed_forward_grads", &wmss_native::mixed_forward_grads);
   m.impl("single_stats", &wmss_native::single_stats);
   m.impl("mixed_backward", &wmss_native::mixed_backward);
 }

@@ -2,7 +2,12 @@
 truth, how ``"auto"`` chooses it, its fallback when it cannot be built, its memory bound and its
 custom ops under ``torch.compile``."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -210,6 +215,114 @@ def test_results_are_deterministic():
         assert torch.equal(first_grads[name], second_grads[name]), name
 
 
+# ---- the gradients computed in the forward (a training step: 6 products, not 8) -------------
+
+def shared_upstream(labels, value=0.37):
+    """One upstream gradient for every supervised token (what reductions "mean" and "sum" give)
+    and, at ignored tokens, other values that must not matter."""
+    upstream = torch.rand(labels.shape) + 1.0
+    upstream[labels != -100] = value
+    return upstream
+
+
+class Calls:
+    """Counts the native engine's calls of its forward-with-gradients and of its backward, and
+    the gradients each backward call was asked for."""
+
+    def __init__(self, monkeypatch):
+        self.forward_with_grads, self.backward = 0, []
+        cls = native_engine.NativeEngine
+        with_grads, backward = cls.mixed_forward_with_grads, cls.mixed_backward
+
+        def counted_with_grads(engine, *args, **kwargs):
+            self.forward_with_grads += 1
+            return with_grads(engine, *args, **kwargs)
+
+        def counted_backward(engine, *args, **kwargs):
+            self.backward.append(args[-1])
+            return backward(engine, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "mixed_forward_with_grads", counted_with_grads)
+        monkeypatch.setattr(cls, "mixed_backward", counted_backward)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
+def test_gradients_from_the_forward_match_float64(options, dtype, blocks, monkeypatch):
+    """A shared upstream gradient: every gradient comes from the forward (the backward only
+    scales), at each dtype's tolerance, for every option."""
+    calls = Calls(monkeypatch)
+    options = dict(options)
+    inputs, labels = make_inputs(dtype=dtype, bias=options.pop("bias", False))
+    upstream = shared_upstream(labels).to(torch.float64 if dtype == torch.float64 else
+                                          torch.float32)
+    check_against_truth(inputs, labels, "native", dtype, upstream=upstream, **options)
+    assert calls.forward_with_grads == 1 and calls.backward == []
+
+
+def test_a_frozen_weak_model_and_a_few_trained_inputs_get_only_their_gradients(monkeypatch):
+    calls = Calls(monkeypatch)
+    inputs, labels = make_inputs(bias=True)
+    check_against_truth(inputs, labels, "native", torch.float32, lam=0.3, softcap=5.0,
+                        gap_threshold=0.0, train_weak=False, upstream=shared_upstream(labels))
+    expected = truth(inputs, labels, softcap=5.0)
+    count = (labels != -100).sum()
+    for wanted in (["strong_hidden"], ["weak_weight", "strong_bias"], ["weak_bias"]):
+        leaves = {k: v.detach().clone().requires_grad_(k in wanted) for k, v in inputs.items()}
+        wmss.fused_loss(**leaves, labels=labels, backend="native", softcap=5.0).backward()
+        for name, leaf in leaves.items():
+            if name in wanted:
+                assert_close(leaf.grad, expected.grads[name] / count, 1e-5, name)
+            else:
+                assert leaf.grad is None, name
+    assert calls.forward_with_grads == 4 and calls.backward == []
+
+
+def test_per_token_upstream_gradients_recompute_only_the_weight_gradients(monkeypatch):
+    """Different upstream gradients (reduction "none" and a weighted sum): dh still comes from
+    the forward, dW and db from a recomputing backward asked for nothing else."""
+    calls = Calls(monkeypatch)
+    inputs, labels = make_inputs(bias=True)
+    check_against_truth(inputs, labels, "native", torch.float32, lam=0.3, softcap=5.0,
+                        gap_threshold=0.0, upstream=torch.rand(labels.shape))
+    assert calls.forward_with_grads == 1
+    assert [[list(request) for request in requests] for requests in calls.backward] == [
+        [[False, True, True], [False, True, True]]]
+
+
+@pytest.mark.parametrize("when", ["no_grad", "inputs-without-grad", "stats-only"])
+def test_no_gradient_work_when_no_gradient_is_needed(when, monkeypatch):
+    calls = Calls(monkeypatch)
+    inputs, labels = make_inputs(bias=True)
+    leaves = {k: v.detach() for k, v in inputs.items()}
+    want, _, _ = run(inputs, labels, "native", lam=0.3)
+    calls.forward_with_grads = 0
+    if when == "no_grad":
+        with torch.no_grad():
+            loss = wmss.fused_loss(**inputs, labels=labels, backend="native", lam=0.3)
+    elif when == "inputs-without-grad":
+        loss = wmss.fused_loss(**leaves, labels=labels, backend="native", lam=0.3)
+    else:
+        loss = wmss.token_entropy(inputs["strong_hidden"], inputs["strong_weight"],
+                                  backend="native")
+    assert calls.forward_with_grads == 0 and not loss.requires_grad
+    if when != "stats-only":
+        assert torch.equal(loss, want)
+
+
+def test_a_retained_graph_gives_the_same_gradients_twice():
+    """The first backward scales the forward's gradients in place; a second one through the
+    retained graph recomputes them rather than scaling them again."""
+    inputs, labels = make_inputs(bias=True)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    loss = wmss.fused_loss(**leaves, labels=labels, backend="native", gap_threshold=0.0)
+    loss.backward(retain_graph=True)
+    first = {k: v.grad.clone() for k, v in leaves.items()}
+    loss.backward()
+    for name, leaf in leaves.items():
+        assert_close(leaf.grad, 2 * first[name], 1e-6, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_gradients_are_as_accurate_as_their_dtype(dtype):
     """As test_fused_loss's test for the other fused backends: each gradient within 2.5x the
@@ -350,6 +463,11 @@ def test_the_backward_and_entropy_ops_have_matching_fake_implementations():
         checked = torch.library.opcheck(torch.ops.wmss_native.mixed_backward.default, args,
                                         test_utils=("test_schema", "test_faketensor"))
         assert all(result == "SUCCESS" for result in checked.values()), checked
+    for requests in ([True] * 6, [True, False, True, False, True, False]):
+        args = (*s, *w, flat, 0.3, 5.0, 0.0, -100, requests, 16, 64)
+        checked = torch.library.opcheck(torch.ops.wmss_native.mixed_forward_grads.default, args,
+                                        test_utils=("test_schema", "test_faketensor"))
+        assert all(result == "SUCCESS" for result in checked.values()), checked
     checked = torch.library.opcheck(torch.ops.wmss_native.single_stats.default,
                                     (*s, flat, 3.0, -100, 16, 64),
                                     test_utils=("test_schema", "test_faketensor"))
@@ -369,3 +487,39 @@ def test_native_backend_rss_growth_is_a_small_fraction_of_the_logits():
     naive = peak_rss_growth("reference")
     assert naive["growth"] > LOGITS_BYTES, naive
     assert abs(fused["loss"] - naive["loss"]) < 1e-4 * abs(naive["loss"])
+
+
+_STEP_PROBE = textwrap.dedent("""
+    import json, resource, sys, torch, wmss
+    torch.manual_seed(0)
+    n, v, d = (int(a) for a in sys.argv[1:4])
+    leaf = lambda *s: (torch.randn(*s) * 0.5).requires_grad_()
+    inputs = dict(strong_hidden=leaf(n, d), strong_weight=leaf(v, d),
+                  weak_hidden=leaf(n, d), weak_weight=leaf(v, d))
+    labels = torch.randint(0, v, (n,))
+    # Warm-up on a slice: loads the extension and ATen's lazily made state outside the window.
+    small = {k: t[:8].detach().requires_grad_() for k, t in inputs.items()}
+    wmss.fused_loss(**small, labels=labels[:8] % 8, backend="native").backward()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    wmss.fused_loss(**inputs, labels=labels, backend="native", gap_threshold=0.0).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(growth=after - before)))
+""")
+
+
+@pytest.mark.slow
+def test_a_training_step_holds_one_set_of_gradients_and_two_logit_chunks():
+    """The forward-with-gradients bound (native_engine's module doc), at a shape where the
+    weight gradients dominate: the unit-upstream gradients, which the backward scales in place
+    and returns (no second set, no zero-filled output gradients), two [token_block, V] float32
+    logit chunks in the forward, and 16 MiB for the allocator and MKL. (No [N, V] either:
+    test_native_backend_rss_growth_is_a_small_fraction_of_the_logits.)"""
+    n, v, d = 512, 16384, 512
+    out = subprocess.run([sys.executable, "-c", _STEP_PROBE, str(n), str(v), str(d)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    gradients = 2 * (v * d + n * d) * 4
+    chunks = 2 * native_engine.TOKEN_BLOCK * v * 4
+    bound = gradients + chunks + 16 * 2**20
+    assert gradients < growth < bound, (growth / 2**20, bound / 2**20)

@@ -227,6 +227,12 @@ class Engine(Protocol):
     # written before it; ``has_logit_stats`` tells whether an engine provides it.
 
 
+def has_forward_grads(engine) -> bool:
+    """Whether the fused ``engine`` implements the optional ``mixed_forward_with_grads`` of
+    ``FusedEngine`` (the autograd layer then uses it when gradients will be needed)."""
+    return callable(getattr(engine, "mixed_forward_with_grads", None))
+
+
 def has_logit_stats(engine) -> bool:
     """Whether ``engine`` implements the optional ``logit_stats`` method of ``Engine``."""
     return callable(getattr(engine, "logit_stats", None))
@@ -261,3 +267,21 @@ class FusedEngine(Engine, Protocol):
                        requests: tuple[GradRequest, GradRequest]) -> tuple[ModelGrads, ModelGrads]:
         """Gradients of ``sum_n c_n loss_n`` for the strong and the weak model, as requested."""
         ...
+
+    # Optional (``has_forward_grads`` tells whether an engine provides it; the "native" engine
+    # does):
+    #
+    # def mixed_forward_with_grads(self, strong: ModelInputs, weak: ModelInputs,
+    #                              labels: torch.Tensor, spec: MixedLossSpec,
+    #                              requests: tuple[GradRequest, GradRequest]
+    #                              ) -> tuple[MixedTokenStats, tuple[ModelGrads, ModelGrads]]:
+    #     """``mixed_forward``'s statistics and, as requested, the gradients of
+    #     ``sum_n u_n loss_n`` for the unit upstream gradient (``u_n = 1`` at every supervised
+    #     token, 0 at ignored ones), each in the compute dtype and its input's shape.
+    #
+    #     One pass instead of a forward and a recomputing backward. The autograd layer scales
+    #     the ``hidden`` rows by each token's upstream gradient, and ``weight``/``bias`` by the
+    #     common one when every supervised token has the same (reductions "mean" and "sum");
+    #     otherwise it asks ``mixed_backward`` for those two."""
+    #
+    # Not a Protocol member, so that engines without it still satisfy ``FusedEngine``.

@@ -10,6 +10,17 @@ block and turns it in place into the logit gradients (softmax, one-hot, gap-mask
 slope) that two more products turn into ``dh`` and ``dW``. OpenMP threads share out the token
 blocks of each vocabulary block (see ``csrc/fused_loss.cpp`` for why not finer).
 
+A training step (grad mode on and some input requiring a gradient: the autograd layer then calls
+``mixed_forward_with_grads``) makes the floor's 6 products, not 8: the forward takes chunks of
+``token_block`` tokens over the whole vocabulary, keeps the chunk's raw logits of both models,
+completes its statistics, turns the logits into the logit gradients for a unit upstream gradient
+in place and at once into ``dh`` rows and ``dW``, ``db`` contributions. The backward only scales
+them (``wmss.loss.autograd``: ``dh`` row by row; ``dW``, ``db`` by the upstream gradient the
+supervised tokens share, as reductions "mean" and "sum" give); per-token upstream gradients
+(``reduction="none"`` then a weighted sum) make the backward recompute ``dW`` and ``db``
+(4 more products; ``dh`` still from the forward). Evaluation (no_grad, inputs without
+gradients) runs the statistics-only forward.
+
 Precision: logits, statistics and accumulators in float32, or float64 when either model is
 float64 (both then in float64): the torch engine's rule. The exp and soft-cap of the float32
 pass are polynomial (~1 ulp, the Triton kernels' soft-cap); float64 uses the C library.
@@ -21,13 +32,22 @@ weight-gradient partial sum per trained model, plus a converted weight block per
 per thread at the defaults (256 x 2048, d = 512), whatever ``N`` and ``V``. Non-contiguous inputs
 are read block by block (each block copied to a contiguous one), never copied whole.
 
-The ops are torch custom ops (``torch.ops.wmss_native.mixed_forward``, ``mixed_backward``,
-``single_stats``) with fake implementations registered here, so ``torch.compile`` can trace a
-call. ``load()`` builds the extension once per process with ``torch.utils.cpp_extension`` (g++
-and ninja; 20-30 s on 2 cores the first time) into a cache directory, ``$WMSS_NATIVE_CACHE`` or
-``~/.cache/wmss/native-<hash>`` (the hash covers the sources, the flags, the torch version and
-the CPU, since the code is built for the machine's instruction set); later processes load it in
-well under a second. ``WMSS_NATIVE=0`` turns the engine off (``backend="auto"`` then uses
+Memory bound of a training step (the forward with gradients): from the forward to the backward,
+the unit-upstream gradients of the trained inputs in the compute dtype (the size of the gradients
+the backward returns; twice their bytes for bf16/fp16 weights); during the forward, two
+``[token_block, V]`` compute-dtype logit chunks (64 MiB at 256 x 32768 in float32), a
+``[token_block, d]`` ``dh`` partial per thread and model, and a compute-dtype copy of a weight
+that is half precision or strided. The backward scales the unit gradients in place and returns
+them (eager; a second backward through a retained graph recomputes); a compiled step's backward
+scales copies, a second set until autograd frees the first. Nothing ``[N, V]``.
+
+The ops are torch custom ops (``torch.ops.wmss_native.mixed_forward``, ``mixed_forward_grads``,
+``mixed_backward``, ``single_stats``) with fake implementations registered here, so
+``torch.compile`` can trace a call. ``load()`` builds the extension once per process with
+``torch.utils.cpp_extension`` (g++ and ninja; 20-30 s on 2 cores the first time) into a cache
+directory, ``$WMSS_NATIVE_CACHE`` or ``~/.cache/wmss/native-<hash>`` (the hash covers the
+sources, the flags, the torch version and the CPU, since the code is built for the machine's
+instruction set); later processes load it in well under a second. ``WMSS_NATIVE=0`` turns the engine off (``backend="auto"`` then uses
 ``"torch"`` on CPUs, ``backend="native"`` raises).
 """
 
@@ -186,6 +206,16 @@ def _register_fakes() -> None:
         per_token = [labels.new_empty((n,), dtype=dtype) for _ in range(10)]
         return per_token + [labels.new_empty((n,), dtype=torch.bool)]
 
+    @torch.library.register_fake(f"{LIBRARY}::mixed_forward_grads")
+    def _(strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias, labels,
+          lam, softcap, gap_threshold, ignore_index, requests, chunk, vocab_block):
+        n, dtype = labels.shape[0], stats_dtype(strong_hidden, weak_hidden)
+        per_token = [labels.new_empty((n,), dtype=dtype) for _ in range(10)]
+        inputs = (strong_hidden, strong_weight, strong_bias, weak_hidden, weak_weight, weak_bias)
+        grads = [labels.new_empty(t.shape if want else (0,), dtype=dtype)
+                 for t, want in zip(inputs, requests)]
+        return per_token + [labels.new_empty((n,), dtype=torch.bool)] + grads
+
     @torch.library.register_fake(f"{LIBRARY}::single_stats")
     def _(hidden, weight, bias, labels, softcap, ignore_index, token_block, vocab_block):
         n, dtype = labels.shape[0], stats_dtype(hidden)
@@ -244,6 +274,22 @@ class NativeEngine(FusedEngineBase):
             _optional_float(spec.gap_threshold), int(spec.ignore_index), self.token_block,
             self.vocab_block)
         return MixedTokenStats(*out)
+
+    def mixed_forward_with_grads(self, strong: ModelInputs, weak: ModelInputs,
+                                 labels: torch.Tensor, spec: MixedLossSpec,
+                                 requests: tuple[GradRequest, GradRequest]
+                                 ) -> tuple[MixedTokenStats, tuple[ModelGrads, ModelGrads]]:
+        """Statistics and the unit-upstream gradients in one pass (contract: ``FusedEngine``'s
+        optional ``mixed_forward_with_grads``): chunks of ``token_block`` tokens over the whole
+        vocabulary, every gradient in the compute dtype."""
+        wanted = [bool(flag) for request in requests for flag in request]
+        out = self._ops().mixed_forward_grads(
+            *strong, *weak, labels, float(spec.lam), _optional_float(spec.softcap),
+            _optional_float(spec.gap_threshold), int(spec.ignore_index), wanted,
+            self.token_block, self.vocab_block)
+        count = len(MixedTokenStats._fields)
+        grads = [grad if want else None for grad, want in zip(out[count:], wanted)]
+        return MixedTokenStats(*out[:count]), (ModelGrads(*grads[:3]), ModelGrads(*grads[3:]))
 
     def single_stats(self, model: ModelInputs, labels: torch.Tensor, softcap: Optional[float],
                      ignore_index: int) -> SingleTokenStats:
