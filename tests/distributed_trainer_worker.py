@@ -26,10 +26,10 @@ answers "no distributed training" on a CPU machine). So the process group is ini
 gloo before Trainer (DeepSpeed would pick the CPU accelerator's ccl backend; accelerate and
 DeepSpeed adopt an initialised group), and ``enable_deepspeed_on_cpu`` makes ``_prepare_backend``
 answer what its CPU branch answers (gloo, MULTI_CPU) where it would answer "none"; accelerate then
-switches to DeepSpeed as on a GPU machine (``ACCELERATE_USE_DEEPSPEED``, set by Trainer). The pair is built before DeepSpeed partitions it (apply_wmss checks the heads on full
-weights), and each lm-head weight is registered as an external parameter of the pair
-(``deepspeed.zero.register_external_parameter``): the fused loss reads it outside the head's own
-forward, where ZeRO-3 would have released it.
+switches to DeepSpeed as on a GPU machine (``ACCELERATE_USE_DEEPSPEED``, set by Trainer). The
+pair is built whole and partitioned by DeepSpeed when Trainer prepares it (models loaded under
+``zero.Init`` are tests/test_zero3.py's and the pipeline's); the pair's own ``FusedHeads`` module
+is where DeepSpeed gathers the lm heads for the loss.
 """
 
 import os
@@ -108,15 +108,7 @@ def arguments(output_dir: str):
 def build_pair():
     from trainer_fixtures import make_pair
 
-    from wmss.hf.models import LMHead
-
-    pair = make_pair(backend="torch")
-    if MODE.startswith("zero3"):
-        import deepspeed
-
-        for member in (pair.strong, pair.weak):
-            deepspeed.zero.register_external_parameter(pair, LMHead.of(member).weight)
-    return pair
+    return make_pair(backend="torch")
 
 
 def trainer_for(pair, output_dir: str):

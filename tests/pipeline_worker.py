@@ -1,9 +1,10 @@
 """One process of a 2-process pipeline run, started by ``torch.distributed.run``:
 
-``pipeline_worker.py catch RESULT_DIR OUTPUT_DIR BASE DATA``
+``pipeline_worker.py catch RESULT_DIR OUTPUT_DIR BASE DATA [scoring-fails-on-process-1]``
     ``Pipeline.run`` that catches the run's error and writes it to ``RESULT_DIR/rank-R.json``,
     as a script driving the pipeline under a launcher that does not stop the other processes
-    when one fails would see it.
+    when one fails would see it; optionally with the selection's scoring failing on process 1
+    alone.
 ``pipeline_worker.py fsdp-on-cpu WMSS_TRAIN_ARGS...``
     ``wmss train WMSS_TRAIN_ARGS`` (with ``--fsdp``) on CPUs: accelerate runs FSDP on GPUs only
     (and ``wmss train`` refuses ``--fsdp`` elsewhere, ``pipeline.fsdp_runs_here``);
@@ -22,8 +23,20 @@ import sys
 import torch
 
 
-def catch(result_dir: str, output_dir: str, base: str, data: str) -> None:
+def catch(result_dir: str, output_dir: str, base: str, data: str, failing: str = "") -> None:
     from wmss.recipe.pipeline import Pipeline, PipelineConfig
+
+    if failing == "scoring-fails-on-process-1":  # an error one process alone meets
+        from wmss.recipe import selection
+
+        score_dataset = selection.score_dataset
+
+        def score_or_fail(*args, **kwargs):
+            if os.environ["RANK"] == "1":
+                raise ValueError("simulated scoring failure")
+            return score_dataset(*args, **kwargs)
+
+        selection.score_dataset = score_or_fail
 
     settings = PipelineConfig(output_dir=output_dir, data=data, base_model=base, rounds=1,
                               batch_size=2, max_length=64, use_cpu=True)
@@ -47,7 +60,14 @@ def deepspeed_on_cpu(*arguments: str) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.distributed.init_process_group("gloo")
     enable_deepspeed_on_cpu()
-    return commands.main(["train", *arguments])
+    return _train(commands, arguments)
+
+
+def _train(commands, arguments) -> int:
+    """``wmss train ARGUMENTS`` as the ``wmss`` executable runs it (its end included)."""
+    code = commands.main(["train", *arguments])
+    commands.exit_launched_process(code)
+    return code
 
 
 def fsdp_on_cpu(*arguments: str) -> int:
@@ -58,7 +78,7 @@ def fsdp_on_cpu(*arguments: str) -> int:
 
     enable_fsdp_on_cpu()
     pipeline.fsdp_runs_here = lambda use_cpu: True
-    return commands.main(["train", *arguments])
+    return _train(commands, arguments)
 
 
 if __name__ == "__main__":

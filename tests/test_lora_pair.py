@@ -179,6 +179,14 @@ def test_a_trainer_checkpoint_of_a_lora_pair_holds_the_model_once_and_restores_b
                                                               report_to=[]))
     trainer._save(str(tmp_path / "checkpoint"))
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir() if p.is_dir()) == ["strong"]
+    # The adapters alone: no copy of the base weights, the weak adapter in a folder of its own.
+    from safetensors.torch import load_file
+
+    strong = tmp_path / "checkpoint" / "strong"
+    assert not (strong / "model.safetensors").exists()
+    for folder in (strong, strong / "weak"):
+        keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+        assert keys and all("lora_" in k for k in keys)
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for n, p in model.named_parameters():

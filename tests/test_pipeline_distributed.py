@@ -17,7 +17,7 @@ from wmss import commands as cli
 from wmss.io import directory_lock
 from wmss.recipe import selection
 from wmss.recipe.data import load_dataset_file
-from wmss.recipe.pipeline import PipelineConfig
+from wmss.recipe.pipeline import Pipeline, PipelineConfig
 from pipeline_fixtures import prompt_records, tiny_workspace
 from wmss.recipe.toy import char_tokenizer
 
@@ -66,6 +66,39 @@ def test_wmss_train_names_a_bad_deepspeed_file(workspace, capsys):
     assert not os.path.exists(root / "cli" / "run.json")
 
 
+def test_a_stage_checkpointed_on_other_processes_is_not_resumed_on_these(workspace,
+                                                                          monkeypatch):
+    """The global batch (and under FSDP or ZeRO-3 the checkpoints' sharding) depends on the
+    process count: an interrupted stage resumes on as many processes as wrote its checkpoints,
+    and any other count is refused by name rather than failing inside a checkpoint loader."""
+    import transformers
+
+    root, base, data = workspace
+    settings = PipelineConfig(output_dir=str(root / "recount"), data=data, base_model=base,
+                              rounds=0, batch_size=2, gradient_accumulation_steps=1,
+                              max_length=64, save_steps=1, use_cpu=True)
+    original, calls = transformers.Trainer.training_step, {"n": 0}
+
+    def crash_in_second_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", crash_in_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(settings, verbose=False).run()
+    monkeypatch.setattr(transformers.Trainer, "training_step", original)
+    record = root / "recount" / "sft" / "checkpoints" / "processes.json"
+    assert json.loads(record.read_text()) == {"processes": 1}
+    record.write_text(json.dumps({"processes": 2}))  # as if written by a 2-process run
+    with pytest.raises(ValueError, match=r"checkpoints of a run on 2 processes, not 1"):
+        Pipeline(settings, verbose=False).run()
+    record.write_text(json.dumps({"processes": 1}))
+    report = Pipeline(settings, verbose=False).run()  # the same count resumes
+    assert report["stages"][0]["steps"] > 1
+
+
 def launch(output_dir, base, data, *extra, timeout=600, program=("-m", "wmss", "train")):
     """``torchrun --nproc_per_node=2 -m wmss train ...`` as a user types it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -101,10 +134,12 @@ def assert_trained_with(out, kind):
 
 
 def assert_a_complete_model(folder, like):
-    """A model folder with every tensor at its full shape (not a ZeRO-3 shard of 0 elements)."""
+    """A model folder with every tensor at its full shape (not a shard, not ZeRO-3's 0 elements)
+    and trained weights (not those of ``like``, the model the run started from)."""
     saved = AutoModelForCausalLM.from_pretrained(folder).state_dict()
     expected = AutoModelForCausalLM.from_pretrained(like).state_dict()
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
+    assert any(not torch.equal(saved[k], expected[k]) for k in saved)
     assert os.path.exists(os.path.join(folder, "tokenizer_config.json"))
 
 
@@ -126,6 +161,24 @@ def test_wmss_train_on_two_processes_writes_one_run(workspace):
     assert_trained_with(out, "MULTI_CPU")
     trained = report["stages"][2]
     assert trained["steps"] >= 1 and torch.isfinite(torch.tensor(trained["train_loss"]))
+
+
+@pytest.mark.slow
+def test_wmss_train_lora_on_two_processes_trains_adapters_with_ddp(workspace):
+    root, base, data = workspace
+    out = root / "lora-ddp"
+    run = launch(out, base, data, "--cpu", "--lora", "--lora-rank", "4")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert_trained_with(out, "MULTI_CPU")
+    for stage in ("sft", "round-1"):
+        assert (out / stage / "model" / "adapter_config.json").exists()
+        assert not (out / stage / "model" / "model.safetensors").exists()
+        ids = torch.tensor([[3, 5, 7, 9]])
+        with torch.no_grad():  # the adapter loads onto the base, and is trained
+            adapted = AutoModelForCausalLM.from_pretrained(out / stage / "model")(ids).logits
+            plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        assert (adapted - plain).abs().max() > 1e-4, stage
+    assert_scores_are_the_whole_data_set_in_order(out, base, data)
 
 
 @pytest.mark.slow
@@ -154,6 +207,24 @@ def test_an_error_on_the_main_process_stops_every_process(workspace, tmp_path):
         assert "another run" in seen["message"]
     assert time.monotonic() - start < 240  # no process left waiting for the collective timeout
     assert not os.path.exists(out / "run.json")
+
+
+@pytest.mark.slow
+def test_an_error_on_one_other_process_stops_every_process(workspace, tmp_path):
+    """Each process scores its own share, so an error may be one process's alone: every
+    process raises it (the main one, which reports, naming the process), none waits."""
+    root, base, data = workspace
+    worker = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={PROCESSES}", WORKER, "catch", str(tmp_path), str(root / "one-fails"),
+         base, data, "scoring-fails-on-process-1"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300,
+        capture_output=True, text=True)
+    assert worker.returncode == 0, worker.stderr[-4000:]
+    seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(PROCESSES)]
+    assert [s["error"] for s in seen] == ["ValueError", "ValueError"], seen
+    assert seen[0]["message"].startswith("process 1: simulated scoring failure")
+    assert seen[1]["message"].startswith("simulated scoring failure")
 
 
 @pytest.mark.slow

@@ -1,7 +1,5 @@
 """``python -m wmss``: the ``wmss`` command."""
 
-import sys
+from .commands import console
 
-from .commands import main
-
-sys.exit(main())
+console()

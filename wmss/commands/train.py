@@ -7,10 +7,7 @@ every option is checked (``PipelineConfig``) before anything is loaded or traine
 from __future__ import annotations
 
 import json
-import os
 import sys
-
-import torch
 
 from .. import defaults
 from ..recipe.pipeline import Pipeline, PipelineConfig
@@ -104,32 +101,6 @@ def lora_settings(args) -> dict:
 
 
 def run(args) -> int:
-    code = _run(args)
-    _leave_process_group(code)
-    return code
-
-
-def _leave_process_group(code: int) -> None:
-    """End a launched run's process cleanly. NCCL: destroy the process group. gloo (CPUs): every
-    process meets at a barrier past its last collective, then exits at once with ``code``, because
-    with torch 2.13 an interpreter finalizing while a gloo worker thread still releases a tensor
-    can abort (``terminate called without an active exception``; see tests/ddp_worker.py), and
-    destroying the group instead can deadlock. Everything the run wrote is closed by then.
-    Only in a launched run (``WORLD_SIZE`` > 1, set by torchrun and accelerate launch)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_backend() != "gloo":
-        torch.distributed.destroy_process_group()
-        return
-    if code == 0:  # a failed process may not meet the others (the launcher stops them all)
-        torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _run(args) -> int:
     pipeline = None
     try:
         pipeline = Pipeline(config_from_args(args))

@@ -9,7 +9,8 @@ ZeRO-3 every parameter is partitioned (``ds_id`` set, its ``data`` empty: shape 
   ZeRO-3-wrapped pair), on a DDP-wrapped or plain module (then a CPU copy of its state dict);
 * ``save_pretrained_full(model, output_dir)``: ``save_pretrained`` of those full weights by the
   main process, loadable by ``AutoModelForCausalLM.from_pretrained`` (a PEFT model: its adapter);
-* ``is_main_process()``, ``barrier()``: ``torch.distributed`` when initialised, else one process.
+* ``is_main_process()``, ``barrier()``: ``torch.distributed`` when initialised, else one process;
+* ``raise_everywhere(error)``: an error one process met, raised on every process.
 
 The gathering functions are *collective*: every process of the group calls them, in the same order
 (each one runs all-gathers); a call on the main process alone hangs.
@@ -45,6 +46,38 @@ def barrier() -> None:
     """``torch.distributed.barrier()`` when distributed; nothing on a single process."""
     if is_distributed():
         torch.distributed.barrier()
+
+
+def portable_error(error: BaseException, process: Optional[int] = None) -> Exception:
+    """``error`` rebuilt from its text, so that it can be sent to the other processes (not every
+    exception class can be pickled): a ``ValueError``, ``TypeError`` or ``OSError`` keeps that
+    class (what the ``wmss`` commands report as a message), anything else becomes a
+    ``RuntimeError`` naming it. ``process`` (a rank) is named in the message."""
+    where = "" if process is None else f"process {process}: "
+    kind = next((k for k in (ValueError, TypeError, OSError) if isinstance(error, k)), None)
+    if kind is not None:
+        return kind(f"{where}{error}")
+    return RuntimeError(f"{where}{type(error).__name__}: {error}")
+
+
+def raise_everywhere(error: Optional[BaseException]) -> None:
+    """**Collective.** Every process passes what it met (None: no error). If any process met an
+    error, every process raises: the one that met it its own error, the others the first one in
+    rank order (``portable_error``), so no process is left waiting at a later collective for one
+    that failed. On a single process: raises ``error`` if there is one."""
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    rank = torch.distributed.get_rank()
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(
+        errors, None if error is None else portable_error(error, rank))
+    if error is not None:
+        raise error
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise failed
 
 
 def strip_wrappers(model: nn.Module, *, keep_fsdp1: bool = False) -> nn.Module:
@@ -210,6 +243,7 @@ def save_pretrained_full(model: nn.Module, output_dir, *, is_main_process: Optio
     Raises:
         ValueError: ``model`` is a LoRA pair's weak view (``AdapterView``: its adapter is saved
             with the strong PEFT model), before anything is gathered.
+        The writer's error (e.g. ``OSError``: a full disk), on every process (``raise_everywhere``).
     """
     outer = strip_wrappers(model)
     if isinstance(outer, AdapterView):
@@ -222,9 +256,14 @@ def save_pretrained_full(model: nn.Module, output_dir, *, is_main_process: Optio
     explicit = is_main_process is not None
     state = full_state_dict(outer, every_process=explicit)
     writer = globals()["is_main_process"]() if not explicit else bool(is_main_process)
+    error = None
     if writer:
-        if is_peft_model(outer):
-            save_strong(outer, output_dir, merged=False, state_dict=state, **save_kwargs)
-        else:
-            outer.save_pretrained(output_dir, state_dict=state, **save_kwargs)
-    barrier()
+        try:
+            if is_peft_model(outer):
+                save_strong(outer, output_dir, merged=False, state_dict=state, **save_kwargs)
+            else:
+                outer.save_pretrained(output_dir, state_dict=state, **save_kwargs)
+        except Exception as caught:  # noqa: BLE001 - e.g. a full disk: raised on every process
+            error = caught
+    del state
+    raise_everywhere(error)  # also the barrier: every process returns once the folder is written

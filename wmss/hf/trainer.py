@@ -48,7 +48,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..io import atomic_write_json
 from .batches import Collator, pad_token_id
 from .distributed import full_state_dict, is_sharded, strip_wrappers
-from .lora import checkpointing_enabled
+from .lora import checkpointing_enabled, is_peft_model
 from .models import unwrap
 from .pair import WMSSPair
 
@@ -65,6 +65,8 @@ _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # get_last_checkpoint nor Trainer's rotation (save_total_limit globs "checkpoint-*") sees it.
 INCOMPLETE_NAME = "incomplete-" + PREFIX_CHECKPOINT_DIR + "-{step}-{stamp}"
 TRAINER_STATE_FILE = "trainer_state.json"
+# A PEFT model's save_pretrained: per adapter, its configuration and its weights.
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # accelerate's FSDP model state in a checkpoint (pytorch_model_fsdp.bin, pytorch_model_fsdp_0/).
 FSDP_MODEL_NAME = "pytorch_model_fsdp"
 
@@ -144,6 +146,32 @@ def load_model_weights(model: torch.nn.Module, folder: str) -> None:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {untied}, "
                          f"unexpected {unexpected}, shape mismatch {mismatched}")
     model.load_state_dict(state, strict=False)
+
+
+def load_adapter_weights(peft_model: torch.nn.Module, folder: str) -> None:
+    """Load every adapter of ``peft_model`` in place from ``folder``, as the PEFT model's
+    ``save_pretrained`` wrote them (the ``"default"`` adapter in ``folder``, each other in
+    ``folder/NAME``). A missing adapter file, or weights the adapter does not have, raise
+    ``ValueError`` naming them before anything is loaded."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    states = {}
+    for adapter in peft_model.peft_config:
+        where = folder if adapter == "default" else os.path.join(folder, adapter)
+        path = os.path.join(where, ADAPTER_WEIGHTS)
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint {folder} has no weights of the adapter {adapter!r} "
+                             f"(no {path})")
+        states[adapter] = load_file(path)
+        expected = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+        mismatched = sorted(set(states[adapter]) ^ set(expected))
+        if mismatched:
+            raise ValueError(f"checkpoint {path} does not match the adapter {adapter!r}: "
+                             f"{mismatched[:8]}")
+    for adapter, state in states.items():
+        set_peft_model_state_dict(peft_model, state, adapter_name=adapter)
 
 
 # ---- checkpoints that survive a kill or a full disk ------------------------------------------
@@ -530,7 +558,9 @@ class WMSSTrainerMixin:
             if states is not None and name not in states:
                 continue
             folder = os.path.join(output_dir, MEMBER_DIRS[name])
-            if states is None:
+            if states is None and is_peft_model(member):  # a LoRA pair: its adapters alone
+                member.save_pretrained(folder)
+            elif states is None:
                 unwrap(member).save_pretrained(folder)
             else:
                 unwrap(member).save_pretrained(folder, state_dict=states[name])
@@ -590,7 +620,10 @@ class WMSSTrainerMixin:
             if not os.path.isdir(folder):
                 raise ValueError(f"{resume_from_checkpoint} is not a WMSSTrainer checkpoint "
                                  f"(no {sub}/ folder)")
-            load_model_weights(member, folder)
+            if is_peft_model(member) and os.path.exists(os.path.join(folder, ADAPTER_CONFIG)):
+                load_adapter_weights(member, folder)
+            else:  # a whole model (a LoRA pair's checkpoint before wmss saved adapters alone)
+                load_model_weights(member, folder)
 
     def _load_best_model(self) -> None:
         if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):

@@ -56,6 +56,8 @@ from ..loss import LossOptions
 from ..validation import check_choice, check_flag, check_int
 
 RUN_FILE, REPORT_FILE, CHECKPOINTS_DIR = "run.json", "report.json", "checkpoints"
+# In a training stage's checkpoints folder: the process count its checkpoints were written by.
+PROCESSES_FILE = "processes.json"
 # Key of the report entries holding the means of wmss.logit_stats of each model a stage produced.
 LOGIT_STATS_KEY = "logit_stats"
 # Key of a training stage's report entry saying how it ran (Pipeline._parallelism).
@@ -76,6 +78,8 @@ PIPELINE_TRAINING_ARGS = {
 VOLATILE_SETTINGS = ("output_dir", "logging_steps", "selection_batch_size", "backend", "use_cpu")
 # Key of the run report's list of the PNG plots drawn (wmss.recipe.plots), absolute paths.
 PLOTS_KEY = "plots"
+# A launched selection's per-process scores files: SCORES_FILE + SHARE_INFIX + "R-of-N".
+SHARE_INFIX = ".process-"
 # Name of the weak model's adapter in a LoRA run's PEFT model (the strong one is "default").
 LORA_WEAK_ADAPTER = "weak"
 # Default seconds between two progress lines of a training stage (TrainingProgress).
@@ -379,6 +383,24 @@ def _loading_whole_models():
         hf_deepspeed._hf_deepspeed_config_weak_ref = reference
 
 
+def _free(trainer) -> None:
+    """Drop ``trainer``'s model, optimizer and accelerator state now, not whenever the garbage
+    collector finds their reference cycles (so the memory a stage trained in is free for the
+    next step of the run)."""
+    import gc
+
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _share_file(output: str, process: int, count: int) -> str:
+    """The scores file of process ``process`` of ``count``'s share, beside ``output``."""
+    return f"{output}{SHARE_INFIX}{process}-of-{count}"
+
+
 def _parallelism_arguments(config: PipelineConfig) -> dict:
     """The ``TrainingArguments`` fields of ``fsdp_config``/``deepspeed_config`` (none for DDP)."""
     if config.deepspeed_config is not None:
@@ -399,8 +421,10 @@ def _parallelism_arguments(config: PipelineConfig) -> dict:
 class _Processes:
     """The processes of a launched run (``torchrun``, ``accelerate launch``; one otherwise), from
     accelerate's ``PartialState`` (made after ``TrainingArguments``, which sets it up as Trainer
-    and DeepSpeed need it). The main process writes the run's files; ``on_main`` runs a step
-    there and hands its result, or its error, to every process."""
+    and DeepSpeed need it). The main process writes the run's files: ``on_main`` runs a step there
+    and hands its result, or its error, to every process; ``everywhere`` runs a step on every
+    process and hands all the results, or any process's error, to every process. So no process
+    is left waiting at a collective for one that has failed."""
 
     def __init__(self):
         from accelerate import PartialState
@@ -414,8 +438,10 @@ class _Processes:
             torch.distributed.barrier()
 
     def on_main(self, work: Callable[[], object]):
-        """``work()`` on the main process; every process returns its result, or raises its
-        error (so no process waits at a barrier for a main process that has failed)."""
+        """``work()`` on the main process; every process returns its result or raises its error
+        (``wmss.hf.distributed.portable_error``)."""
+        from ..hf.distributed import portable_error
+
         if self.count == 1:
             return work()
         if not self.is_main:
@@ -427,25 +453,27 @@ class _Processes:
         try:
             result = work()
         except Exception as error:
-            # The others get the kind the CLI reports as a message (a ValueError, TypeError or
-            # OSError: its own class; any other: a RuntimeError naming it), rebuilt from text
-            # because not every exception class can be pickled.
-            kind = next((k for k in (ValueError, TypeError, OSError) if isinstance(error, k)),
-                        None)
-            portable = (kind(str(error)) if kind is not None else
-                        RuntimeError(f"the main process failed: {type(error).__name__}: {error}"))
-            torch.distributed.broadcast_object_list([None, portable], src=0)
+            torch.distributed.broadcast_object_list([None, portable_error(error)], src=0)
             raise
         torch.distributed.broadcast_object_list([result, None], src=0)
         return result
 
-    def gather(self, value) -> list:
-        """``value`` of every process, in rank order (``all_gather_object``)."""
+    def everywhere(self, work: Callable[[], object]) -> list:
+        """``work()`` on every process: the results of all, in rank order, on every process; if
+        any process fails, every process raises (``wmss.hf.distributed.raise_everywhere``)."""
+        from ..hf.distributed import raise_everywhere
+
         if self.count == 1:
-            return [value]
-        values = [None] * self.count
-        torch.distributed.all_gather_object(values, value)
-        return values
+            return [work()]
+        result, error = None, None
+        try:
+            result = work()
+        except Exception as caught:  # noqa: BLE001 - raised on every process below
+            error = caught
+        raise_everywhere(error)
+        results = [None] * self.count
+        torch.distributed.all_gather_object(results, result)
+        return results
 
 
 def _duration(seconds: float) -> str:
@@ -616,9 +644,21 @@ class Pipeline:
         # A save interrupted by a kill or a full disk left a newer checkpoint without the marker:
         # moved aside, so the resumed run's save of that step does not write into it.
         step = int(resume.rsplit("-", 1)[1]) if resume else 0
-        if self.processes.is_main:
+
+        def prepare():
+            count, record = self.processes.count, os.path.join(checkpoints, PROCESSES_FILE)
+            recorded = _read_json(record)
+            if resume and recorded is not None and recorded.get("processes") != count:
+                raise ValueError(
+                    f"{checkpoints} holds the checkpoints of a run on {recorded.get('processes')} "
+                    f"processes, not {count}: resume it on as many (the global batch, and under "
+                    "FSDP or ZeRO-3 the checkpoints' sharding, depend on the count), or delete "
+                    "that folder to train this stage afresh")
             set_aside_incomplete_checkpoints(checkpoints, after_step=step)
-        self.processes.barrier()  # every process resumes from the same checkpoint
+            os.makedirs(checkpoints, exist_ok=True)
+            atomic_write_json(record, {"processes": count})
+
+        self.processes.on_main(prepare)  # every process resumes from the same checkpoint
         return trainer.train(resume_from_checkpoint=resume)
 
     def _stage(self, name: str, work: Callable[[str], dict]) -> dict:
@@ -680,7 +720,7 @@ class Pipeline:
         if is_peft_model(model):  # its active adapter; LoRA runs are never sharded
             processes.on_main(lambda: save_strong(model, partial, merged=False))
         else:
-            save_pretrained_full(model, partial, is_main_process=processes.is_main)
+            save_pretrained_full(model, partial)
 
         def publish():
             self.tokenizer.save_pretrained(partial)
@@ -690,28 +730,33 @@ class Pipeline:
 
         processes.on_main(publish)
 
-    def _logit_stats(self, model, saved: str) -> dict:
+    def _logit_stats(self, saved: str) -> dict:
         """The means of ``wmss.logit_stats`` of a model this run produced (the SFT model, each
-        round's strong model) over the whole data set's supervised tokens, for its stage report
-        (``wmss.recipe.inspect.inspect_models``; no ``[tokens, vocab]`` logits). Computed by the
-        main process, on ``model`` itself, or where FSDP or ZeRO-3 shard it, on the copy saved in
-        ``saved``, loaded whole."""
-        from ..hf.distributed import is_sharded
+        round's strong model), over the whole data set's supervised tokens, for its stage report
+        (``wmss.recipe.inspect.inspect_models``; no ``[tokens, vocab]`` logits). Computed on the
+        copy saved in ``saved``, loaded whole (the training's own may be sharded, and is freed by
+        then); on several processes each computes its share of the data set (examples
+        ``rank::world``) and the token-weighted means are merged."""
         from .inspect import inspect_models
 
-        c = self.config
-        sharded = is_sharded(model)
+        c, processes = self.config, self.processes
+        share = [self.dataset[i] for i in range(processes.index, len(self.dataset),
+                                                processes.count)]
 
         def compute():
-            whole = model
-            if sharded:
-                with _loading_whole_models():
-                    whole = load_causal_lm(saved, c.dtype).to(self.processes.device)
-            result = inspect_models(whole, self.dataset, batch_size=c.selection_batch_size,
+            if not any(supervised_tokens(example) for example in share):
+                return 0, None
+            with _loading_whole_models():
+                model = load_causal_lm(saved, c.dtype).to(processes.device)
+            result = inspect_models(model, share, batch_size=c.selection_batch_size,
                                     pad_token_id=pad_token_id(self.tokenizer), backend=c.backend)
-            return {"supervised_tokens": result["supervised_tokens"], **result["means"]["strong"]}
+            return result["supervised_tokens"], result["means"]["strong"]
 
-        return self.processes.on_main(compute)
+        parts = [(tokens, means) for tokens, means in processes.everywhere(compute) if tokens]
+        total = sum(tokens for tokens, _ in parts)
+        return {"supervised_tokens": total,
+                **{name: sum(tokens * means[name] for tokens, means in parts) / total
+                   for name in parts[0][1]}}
 
     # ---- stages ------------------------------------------------------------------------------
 
@@ -729,14 +774,9 @@ class Pipeline:
         trainer = Trainer(model=model, args=args, train_dataset=self.dataset,
                           processing_class=self.tokenizer,
                           data_collator=Collator(pad_token_id(self.tokenizer)))
-        result = self._train(trainer, checkpoints)
-        model_dir = os.path.join(stage_dir, "model")
-        self._save_model_atomically(model, model_dir)
-        return {"model": model_dir, "base": base,
-                "train_loss": result.training_loss, "steps": result.global_step,
-                PARALLELISM_KEY: self._parallelism(trainer),
-                LOGIT_STATS_KEY: self._logit_stats(model, model_dir),
-                "log": trainer.state.log_history}
+        del model  # the trainer's reference goes with it (_finish)
+        return {"base": base, **self._finish(trainer, self._train(trainer, checkpoints),
+                                              os.path.join(stage_dir, "model"))}
 
     def _select(self, stage_dir: str, weak: str, strong: str) -> dict:
         """WD-DS, the same flow and files as ``wmss select`` (scores, active set, summary)."""
@@ -767,17 +807,24 @@ class Pipeline:
         if processes.count == 1:
             return selection.score_dataset(strong_model, weak_model, self.dataset, output=output,
                                            **options)
-        shares = [f"{output}.process-{rank}-of-{processes.count}"
-                  for rank in range(processes.count)]
         indices = list(range(processes.index, len(self.dataset), processes.count))
-        part = None
-        if indices:  # fewer examples than processes leave some without a share
-            part = selection.score_dataset(strong_model, weak_model,
-                                           [self.dataset[i] for i in indices],
-                                           output=shares[processes.index], **options)
-            part = (indices, part.entropy_strong, part.entropy_weak, part.tokens,
+
+        def score_share():
+            if not indices:  # fewer examples than processes leave some without a share
+                return None
+            try:
+                part = selection.score_dataset(
+                    strong_model, weak_model, [self.dataset[i] for i in indices],
+                    output=_share_file(output, processes.index, processes.count), **options)
+            except ValueError as error:  # its example indices are the share's
+                raise ValueError(f"{error} (process {processes.index} of {processes.count} "
+                                 f"scores the examples {processes.index}::{processes.count}: its "
+                                 f"example i is example {processes.index} + {processes.count} i "
+                                 "of the data set)") from None
+            return (indices, part.entropy_strong, part.entropy_weak, part.tokens,
                     part.metadata["models"])
-        parts = [p for p in processes.gather(part) if p is not None]
+
+        parts = [p for p in processes.everywhere(score_share) if p is not None]
         size = len(self.dataset)
         strong, weak = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
         tokens = torch.zeros(size, dtype=torch.int64)
@@ -790,9 +837,11 @@ class Pipeline:
 
         def save():
             scores.save(output)
-            for share in shares:  # merged: the shares are no longer needed to resume
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(share)
+            folder = os.path.dirname(output)
+            for name in os.listdir(folder):  # merged: no share is needed to resume any more
+                if name.startswith(os.path.basename(output) + SHARE_INFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, name))
 
         processes.on_main(save)
         return scores
@@ -837,12 +886,26 @@ class Pipeline:
         trainer = WMSSTrainer(pair, args, train_dataset=[self.dataset[i] for i in active],
                               processing_class=self.tokenizer)
         result = self._train(trainer, checkpoints)
-        model_dir = os.path.join(os.path.dirname(stage_dir), "model")
-        self._save_model_atomically(pair.strong, model_dir)
-        return {"weak": weak, "strong": strong, "model": model_dir,
-                "train_loss": result.training_loss, "steps": result.global_step,
-                PARALLELISM_KEY: self._parallelism(trainer),
-                LOGIT_STATS_KEY: self._logit_stats(pair.strong, model_dir), "log": trainer.state.log_history}
+        del pair
+        return {"weak": weak, "strong": strong,
+                **self._finish(trainer, result, os.path.join(os.path.dirname(stage_dir), "model"))}
+
+    def _finish(self, trainer, result, model_dir: str) -> dict:
+        """A training stage's end: the trained model (a pair's strong model) saved in
+        ``model_dir``, the training state freed (``trainer`` is the last reference to its model
+        and optimizer), then the saved model's logit statistics; the stage report's entries."""
+        from ..hf.distributed import strip_wrappers
+        from ..hf.pair import WMSSPair
+
+        model = strip_wrappers(trainer.model)  # a PEFT model stays one (its adapter is saved)
+        self._save_model_atomically(model.strong if isinstance(model, WMSSPair) else model,
+                                    model_dir)
+        report = {"model": model_dir, "train_loss": result.training_loss,
+                  "steps": result.global_step, PARALLELISM_KEY: self._parallelism(trainer),
+                  "log": trainer.state.log_history}
+        del model
+        _free(trainer)
+        return {**report, LOGIT_STATS_KEY: self._logit_stats(model_dir)}
 
     def run(self) -> dict:
         """Every stage not finished yet, holding the output directory's lock throughout (the main
