@@ -2,6 +2,7 @@
 stage, selection scores one share of the data set per process, and only the main process writes
 the run's files (one report, one final model, one set of scores merged in data-set order)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -56,6 +57,54 @@ def test_parallelism_settings_that_cannot_work_are_refused_by_name(workspace, ov
     settings = dict(output_dir=str(root / "refused"), data=data, base_model=base)
     with pytest.raises((ValueError, TypeError), match=message):
         PipelineConfig(**{**settings, **overrides})
+
+
+def test_fsdp_on_one_process_is_refused(workspace, monkeypatch):
+    """Where FSDP could run (a GPU machine), a run that was not launched on several processes
+    would still train without it: refused."""
+    from wmss.recipe import pipeline
+
+    root, base, data = workspace
+    monkeypatch.setattr(pipeline, "fsdp_runs_here", lambda use_cpu: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="fsdp_config needs a launched run of several processes"):
+        PipelineConfig(output_dir=str(root / "one"), data=data, base_model=base, fsdp_config={})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    PipelineConfig(output_dir=str(root / "one"), data=data, base_model=base, fsdp_config={})
+
+
+def test_a_parallelism_file_counts_by_its_content(workspace):
+    """A rerun after the DeepSpeed file was edited (ZeRO stage 2 to 3, say) is another run."""
+    root, base, data = workspace
+    config = root / "zero.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    settings = PipelineConfig(output_dir=str(root / "content"), data=data, base_model=base,
+                              deepspeed_config=str(config))
+    before = settings.fingerprint()["deepspeed_config"]
+    assert before == {"file": str(config), "content": {"zero_optimization": {"stage": 2}}}
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert settings.fingerprint()["deepspeed_config"] != before
+
+
+def test_a_run_recorded_before_the_newer_settings_existed_continues(workspace):
+    """run.json written by an older wmss lacks the settings added since (parallelism, LoRA):
+    they count as their defaults, so the run continues rather than being refused."""
+    root, base, data = workspace
+    settings = PipelineConfig(output_dir=str(root / "older"), data=data, base_model=base,
+                              rounds=0, sft_epochs=0.5, batch_size=2, max_length=64,
+                              use_cpu=True)
+    Pipeline(settings, verbose=False).run()
+    record = root / "older" / "run.json"
+    run = json.loads(record.read_text())
+    for newer in ("fsdp_config", "deepspeed_config", "lora_rank", "lora_alpha", "lora_dropout",
+                  "lora_target_modules"):
+        del run["config"][newer]
+    record.write_text(json.dumps(run))
+    logged = []
+    Pipeline(settings, log=logged.append, verbose=False).run()
+    assert "[wmss] sft: done earlier, skipped" in logged
+    with pytest.raises(ValueError, match=r"other settings \(lora_alpha, lora_rank\)"):
+        Pipeline(dataclasses.replace(settings, lora_rank=4), verbose=False).run()
 
 
 def test_wmss_train_names_a_bad_deepspeed_file(workspace, capsys):
@@ -257,11 +306,8 @@ def test_wmss_train_under_fsdp2_saves_whole_models(workspace):
     every saved model is whole. On CPUs through ``pipeline_worker.py fsdp-on-cpu`` (accelerate
     runs FSDP on GPUs only; the worker's docstring says what it changes)."""
     root, base, data = workspace
-    config = root / "fsdp2.json"
-    config.write_text(json.dumps({**json.loads(open(EXAMPLE_FSDP2).read()),
-                                  "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}))
     out = root / "fsdp2"
-    run = launch(out, base, data, "--cpu", "--fsdp", str(config),
+    run = launch(out, base, data, "--cpu", "--fsdp", EXAMPLE_FSDP2,
                  program=(WORKER, "fsdp-on-cpu"))
     assert run.returncode == 0, run.stderr[-4000:]
     assert_trained_with(out, "FSDP")

@@ -42,6 +42,7 @@ import warnings
 from typing import Optional
 
 import torch
+import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -76,7 +77,9 @@ def training_arguments(output_dir: str, *, warmup_ratio: float = 0.0,
     """``TrainingArguments`` across transformers versions (4.46 to 5.x renamed a few fields).
 
     ``warmup_ratio`` becomes ``warmup_ratio`` or a fractional ``warmup_steps``;
-    ``activation_checkpointing`` becomes ``activation_checkpointing`` or ``gradient_checkpointing``.
+    ``activation_checkpointing`` becomes ``activation_checkpointing`` or ``gradient_checkpointing``;
+    ``fsdp=True`` (transformers 5: the options are in ``fsdp_config``) becomes transformers 4's
+    ``"full_shard auto_wrap"``.
     Defaults that suit this package: no external reporting, keep extra columns, and
     ``average_tokens_across_devices=True`` on more than one process (the loss is the mean over
     the supervised tokens of all processes; transformers before 4.54 defaults to False).
@@ -93,6 +96,8 @@ def training_arguments(output_dir: str, *, warmup_ratio: float = 0.0,
     if activation_checkpointing:
         name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         kwargs[name] = True
+    if kwargs.get("fsdp") is True and int(transformers.__version__.split(".")[0]) < 5:
+        kwargs["fsdp"] = "full_shard auto_wrap"  # transformers 4 turns FSDP on with its options
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"unknown TrainingArguments fields for this transformers version: {unknown}")

@@ -24,9 +24,9 @@ the selection's entropy discrepancy and weight terms), and ``report.json`` lists
 Launched on several processes (``torchrun`` or ``accelerate launch``), every process runs every
 stage: training is Trainer's data parallelism (DDP, or FSDP2 / DeepSpeed ZeRO-3 with
 ``fsdp_config`` / ``deepspeed_config``), selection scores each process's share of the data set
-(examples ``rank::world``) and the main process merges the shares. Only the main process writes
-the run's files (``run.json``, reports, scores, selections, plots, models, logs) and holds the
-lock; the others wait for it at each stage's start and end, and an error it meets is raised on
+(examples ``rank::world``, each in a scores file of its own while it runs) and the main process
+merges the shares. Otherwise only the main process writes the run's files (``run.json``, reports,
+scores, selections, plots, models, logs) and holds the lock; the others wait for it at each stage's start and end, and an error it meets is raised on
 every process (no process is left waiting for one that failed).
 """
 
@@ -261,6 +261,10 @@ class PipelineConfig:
         if self.fsdp_config is not None and not fsdp_runs_here(self.use_cpu):
             raise ValueError("fsdp_config: accelerate runs FSDP on GPUs only (on CPUs it would "
                              "silently train with DDP instead); run on GPUs, or drop fsdp_config")
+        if self.fsdp_config is not None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise ValueError("fsdp_config needs a launched run of several processes (torchrun "
+                             "or accelerate launch); on one process accelerate trains without "
+                             "FSDP")
         self._check_lora()
         if not isinstance(self.extra_training_args, dict):
             raise TypeError("extra_training_args must be a dict of TrainingArguments fields, got "
@@ -328,11 +332,23 @@ class PipelineConfig:
                                 keep_duplicates=self.keep_duplicates)
 
     def fingerprint(self) -> dict:
-        """The settings that define the run (a rerun must match them to continue)."""
+        """The settings that define the run (a rerun must match them to continue); a
+        parallelism configuration given as a file counts by its content, not its path alone."""
         settings = dataclasses.asdict(self)
         for volatile in VOLATILE_SETTINGS:
             settings.pop(volatile)
+        for name in ("fsdp_config", "deepspeed_config"):
+            if isinstance(settings[name], str):
+                with open(settings[name], encoding="utf-8") as handle:
+                    settings[name] = {"file": settings[name], "content": json.load(handle)}
         return settings
+
+
+# Each PipelineConfig setting's default, as run.json stores it (JSON: tuples become lists).
+_SETTING_DEFAULTS = json.loads(json.dumps({
+    f.name: f.default for f in dataclasses.fields(PipelineConfig)
+    if f.default is not dataclasses.MISSING}))
+_ABSENT = object()
 
 
 def _read_json(path: str, kind: type = dict):
@@ -407,15 +423,12 @@ def _parallelism_arguments(config: PipelineConfig) -> dict:
         return {"deepspeed": config.deepspeed_config}
     if config.fsdp_config is None:
         return {}
-    import transformers
 
     fsdp_config = config.fsdp_config
     if isinstance(fsdp_config, str):
         with open(fsdp_config, encoding="utf-8") as handle:
             fsdp_config = json.load(handle)
-    # transformers 5 turns FSDP on with True (the options are in fsdp_config); 4.x with a string.
-    on = True if int(transformers.__version__.split(".")[0]) >= 5 else "full_shard auto_wrap"
-    return {"fsdp": on, "fsdp_config": fsdp_config}
+    return {"fsdp": True, "fsdp_config": fsdp_config}  # training_arguments: True for any version
 
 
 class _Processes:
@@ -452,7 +465,7 @@ class _Processes:
             return outcome[0]
         try:
             result = work()
-        except Exception as error:
+        except BaseException as error:  # a KeyboardInterrupt too: the others must not wait
             torch.distributed.broadcast_object_list([None, portable_error(error)], src=0)
             raise
         torch.distributed.broadcast_object_list([result, None], src=0)
@@ -575,9 +588,11 @@ class Pipeline:
                                         "data_sha256": data_sha256(c.data)}))
         existing = _read_json(os.path.join(self.root, RUN_FILE))
         if existing is not None:
-            if existing.get("config") != wanted["config"]:
-                old = existing.get("config") or {}
-                changed = sorted(k for k in wanted["config"] if old.get(k) != wanted["config"][k])
+            old = existing.get("config") or {}
+            # A setting newer than the run's wmss is absent from its run.json: its default.
+            changed = sorted(k for k in wanted["config"]
+                             if old.get(k, _SETTING_DEFAULTS.get(k, _ABSENT)) != wanted["config"][k])
+            if changed or not isinstance(existing.get("config"), dict):
                 raise ValueError(f"{self.root} holds a run with other settings "
                                  f"({', '.join(changed)}); use a new output directory to start "
                                  "another run")
@@ -669,6 +684,9 @@ class Pipeline:
         processes.barrier()  # the previous stage's files are written
         done = _read_json(report_path)
         if done is not None:
+            # A kill between the report and the removal of the checkpoints left them behind.
+            processes.on_main(lambda: shutil.rmtree(os.path.join(stage_dir, CHECKPOINTS_DIR),
+                                                    ignore_errors=True))
             self.log(f"[wmss] {name}: done earlier, skipped")
             self._plot(name, stage_dir, done)
             return done
