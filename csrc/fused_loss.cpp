@@ -655,21 +655,40 @@ struct ChunkGrads {
 
   bool any() const { return hidden || weight || bias; }
 
-  // One [rows, cols] block of dL/da (unit upstream) at vocabulary offset v0 of the chunk n0.
+  // One [rows, cols] block of dL/da (unit upstream) at vocabulary offset v0 of the chunk whose
+  // hidden states are h_chunk (compute dtype) and h_input (the input's dtype).
   template <typename T>
   void accumulate(int tid, const Tensor& g, const Tensor& w_block, const Tensor& h_chunk,
-                  int64_t v0) {
+                  const Tensor& h_input, const Head& head, int64_t v0) {
     const int64_t rows = g.size(0), cols = g.size(1);
-    if (hidden) {
-      Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
-      if (used[tid]) {
-        part.addmm_(g, w_block);
-      } else {
-        at::mm_out(part, g, w_block);
-        used[tid] = 1;
+    if (head.hidden.scalar_type() == at::kBFloat16 && (hidden || weight)) {
+      // bf16 models: the gradient products take the logit gradients rounded to bf16 and the
+      // inputs as given (oneDNN's bf16 products, ~2.4x float32's speed on this CPU); each
+      // block's product is rounded once to bf16 and added to the float32 accumulators.
+      const Tensor g_half = g.to(at::kBFloat16);
+      if (hidden) {
+        Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
+        const Tensor product = at::mm(g_half, head.weight.narrow(0, v0, cols));
+        if (used[tid]) {
+          part.add_(product);
+        } else {
+          part.copy_(product);
+          used[tid] = 1;
+        }
       }
+      if (weight) d_weight.narrow(0, v0, cols).add_(at::mm(g_half.t(), h_input));
+    } else {
+      if (hidden) {
+        Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
+        if (used[tid]) {
+          part.addmm_(g, w_block);
+        } else {
+          at::mm_out(part, g, w_block);
+          used[tid] = 1;
+        }
+      }
+      if (weight) d_weight.narrow(0, v0, cols).addmm_(g.t(), h_chunk);
     }
-    if (weight) d_weight.narrow(0, v0, cols).addmm_(g.t(), h_chunk);
     if (bias) {
       const T* gp = g.data_ptr<T>();
       T* db = d_bias.data_ptr<T>() + v0;
@@ -741,6 +760,7 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
     for (int64_t n0 = 0; n0 < num_tokens; n0 += chunk) {
       const int64_t rows = std::min(chunk, num_tokens - n0);
       const Tensor h_s = strong.hidden_block(n0, rows), h_w = weak.hidden_block(n0, rows);
+      const Tensor in_s = strong.hidden.narrow(0, n0, rows), in_w = weak.hidden.narrow(0, n0, rows);
       auto block = [&](const Tensor& buffer, int64_t v0, int64_t cols) {
         return buffer.narrow(0, rows * v0, rows * cols).view({rows, cols});
       };
@@ -825,8 +845,12 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
               }
             }
           });
-          if (need_s) grads_s.accumulate<T>(tid, g_s, weight_s.narrow(0, v0, cols), h_s, v0);
-          if (need_w) grads_w.accumulate<T>(tid, g_w, weight_w.narrow(0, v0, cols), h_w, v0);
+          if (need_s) {
+            grads_s.accumulate<T>(tid, g_s, weight_s.narrow(0, v0, cols), h_s, in_s, strong, v0);
+          }
+          if (need_w) {
+            grads_w.accumulate<T>(tid, g_w, weight_w.narrow(0, v0, cols), h_w, in_w, weak, v0);
+          }
         }
       });
       grads_s.finish_chunk(n0, rows);

@@ -493,14 +493,18 @@ _STEP_PROBE = textwrap.dedent("""
     import json, resource, sys, torch, wmss
     torch.manual_seed(0)
     n, v, d = (int(a) for a in sys.argv[1:4])
-    leaf = lambda *s: (torch.randn(*s) * 0.5).requires_grad_()
+    # Made in place: no freed temporary under the high-water mark that the step could reuse.
+    leaf = lambda *s: torch.randn(*s).mul_(0.5).requires_grad_()
     inputs = dict(strong_hidden=leaf(n, d), strong_weight=leaf(v, d),
                   weak_hidden=leaf(n, d), weak_weight=leaf(v, d))
     labels = torch.randint(0, v, (n,))
     # Warm-up on a slice: loads the extension and ATen's lazily made state outside the window.
     small = {k: t[:8].detach().requires_grad_() for k, t in inputs.items()}
     wmss.fused_loss(**small, labels=labels[:8] % 8, backend="native").backward()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # From the resident set now (the high-water mark may lie above it: imports' temporaries) to
+    # the high-water mark after the step.
+    with open("/proc/self/statm") as statm:
+        before = int(statm.read().split()[1]) * resource.getpagesize()
     wmss.fused_loss(**inputs, labels=labels, backend="native", gap_threshold=0.0).backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(growth=after - before)))

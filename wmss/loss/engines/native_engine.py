@@ -19,7 +19,10 @@ them (``wmss.loss.autograd``: ``dh`` row by row; ``dW``, ``db`` by the upstream 
 supervised tokens share, as reductions "mean" and "sum" give); per-token upstream gradients
 (``reduction="none"`` then a weighted sum) make the backward recompute ``dW`` and ``db``
 (4 more products; ``dh`` still from the forward). Evaluation (no_grad, inputs without
-gradients) runs the statistics-only forward.
+gradients) runs the statistics-only forward. For bf16 models the four gradient products of that
+forward take the logit gradients rounded to bf16 and the bf16 inputs (oneDNN's bf16 products,
+each block's product rounded once and added to float32 accumulators): every gradient stays
+within 2.5x the error of the exact one rounded to bf16 (tests/test_native.py).
 
 Precision: logits, statistics and accumulators in float32, or float64 when either model is
 float64 (both then in float64): the torch engine's rule. The exp and soft-cap of the float32
