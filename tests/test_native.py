@@ -490,7 +490,7 @@ def test_native_backend_rss_growth_is_a_small_fraction_of_the_logits():
 
 
 _STEP_PROBE = textwrap.dedent("""
-    import json, resource, sys, torch, wmss
+    import json, sys, torch, wmss
     torch.manual_seed(0)
     n, v, d = (int(a) for a in sys.argv[1:4])
     # Made in place: no freed temporary under the high-water mark that the step could reuse.
@@ -501,13 +501,18 @@ _STEP_PROBE = textwrap.dedent("""
     # Warm-up on a slice: loads the extension and ATen's lazily made state outside the window.
     small = {k: t[:8].detach().requires_grad_() for k, t in inputs.items()}
     wmss.fused_loss(**small, labels=labels[:8] % 8, backend="native").backward()
-    # From the resident set now (the high-water mark may lie above it: imports' temporaries) to
-    # the high-water mark after the step.
-    with open("/proc/self/statm") as statm:
-        before = int(statm.read().split()[1]) * resource.getpagesize()
+    # From the resident set now to the high-water mark after the step. The mark is reset to the
+    # resident set first (Linux: "5" to clear_refs), so that no earlier peak (an import's or a
+    # build's temporaries, freed since) counts as the step's.
+    def vm(field):
+        with open("/proc/self/status") as status:
+            line = next(l for l in status if l.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = vm("VmRSS")
     wmss.fused_loss(**inputs, labels=labels, backend="native", gap_threshold=0.0).backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(dict(growth=after - before)))
+    print(json.dumps(dict(growth=vm("VmHWM") - before)))
 """)
 
 
