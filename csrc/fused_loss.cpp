@@ -46,6 +46,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "elementwise.h"
 
 namespace wmss_native {
@@ -97,10 +98,16 @@ struct Head {
   Tensor weight;  // [V, d]
   Tensor bias;    // [V], or undefined
   at::ScalarType compute;
+  // The logits come from csrc/bf16_gemm.h on the bf16 values themselves (a bf16 model on a CPU
+  // with AVX512-BF16; float32 logits at bf16 speed, no float32 copy of the weight), else from
+  // ATen's product on compute-dtype blocks.
+  bool bf16_kernel;
 
   // Detached: the products run in worker threads, whose autograd state is their own.
   Head(const Tensor& h, const Tensor& w, const std::optional<Tensor>& b, at::ScalarType c)
-      : hidden(h.detach()), weight(w.detach()), compute(c) {
+      : hidden(h.detach()), weight(w.detach()), compute(c),
+        bf16_kernel(bf16_gemm::available() && c == at::kFloat &&
+                    h.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16) {
     if (b.has_value() && b->defined()) bias = b->detach();
   }
 
@@ -120,16 +127,36 @@ struct Head {
   Tensor hidden_block(int64_t n0, int64_t count) const {
     return hidden.narrow(0, n0, count).to(compute).contiguous();
   }
+
+  // The weight rows [v0, v0 + count) as logits_into reads them: the bf16 kernel's packed
+  // panels (the block's own bytes), or weight_block.
+  Tensor logit_weights(int64_t v0, int64_t count) const {
+    return bf16_kernel ? bf16_gemm::pack_panels(weight.narrow(0, v0, count))
+                       : weight_block(v0, count);
+  }
+
+  // The hidden rows [n0, n0 + count) as logits_into reads them: the bf16 rows viewed as pairs
+  // (no copy), or hidden_block.
+  Tensor logit_hidden(int64_t n0, int64_t count) const {
+    return bf16_kernel ? bf16_gemm::as_pairs(hidden.narrow(0, n0, count))
+                       : hidden_block(n0, count);
+  }
+
+  // The raw logits a = h W^T of one block into `out` ([rows, cols] compute dtype, contiguous),
+  // from logit_hidden and logit_weights.
+  void logits_into(Tensor& out, const Tensor& hidden_rows, const Tensor& weight_rows) const {
+    if (bf16_kernel) {
+      bf16_gemm::logits(hidden_rows, weight_rows, out.size(1), out.data_ptr<float>(),
+                        out.stride(0));
+    } else {
+      at::mm_out(out, hidden_rows, weight_rows.t());
+    }
+  }
 };
 
 // A contiguous [rows, cols] view at the start of a block buffer (the last blocks are smaller).
 Tensor block_view(const Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// The raw logits a = h W^T of one block, written into `out` ([rows, cols], compute dtype).
-void logits_into(Tensor& out, const Tensor& hidden_block, const Tensor& weight_block) {
-  at::mm_out(out, hidden_block, weight_block.t());
 }
 
 // Column of a label inside the vocabulary block [v0, v0 + count), or -1.
@@ -281,7 +308,7 @@ std::vector<Tensor> mixed_forward_impl(const Head& strong, const Head& weak, con
 
   for (int64_t v0 = 0; v0 < vocab && num_tokens > 0; v0 += vocab_block) {
     const int64_t cols = std::min(vocab_block, vocab - v0);
-    const Tensor w_s = strong.weight_block(v0, cols), w_w = weak.weight_block(v0, cols);
+    const Tensor w_s = strong.logit_weights(v0, cols), w_w = weak.logit_weights(v0, cols);
     const Tensor b_s = strong.bias_block(v0, cols), b_w = weak.bias_block(v0, cols);
     const T* bs = b_s.data_ptr<T>();
     const T* bw = b_w.data_ptr<T>();
@@ -290,8 +317,8 @@ std::vector<Tensor> mixed_forward_impl(const Head& strong, const Head& weak, con
       for (int64_t block = first; block < last; ++block) {
         const int64_t n0 = block * token_block, rows = std::min(token_block, num_tokens - n0);
         Tensor z_s = block_view(bufs_s[tid], rows, cols), z_w = block_view(bufs_w[tid], rows, cols);
-        logits_into(z_s, strong.hidden_block(n0, rows), w_s);
-        logits_into(z_w, weak.hidden_block(n0, rows), w_w);
+        strong.logits_into(z_s, strong.logit_hidden(n0, rows), w_s);
+        weak.logits_into(z_w, weak.logit_hidden(n0, rows), w_w);
         T* zs = z_s.data_ptr<T>();
         T* zw = z_w.data_ptr<T>();
         dispatch_bool(softcap.has_value(), [&](auto capped) {
@@ -356,14 +383,14 @@ std::vector<Tensor> single_stats_impl(const Head& head, const Tensor& labels,
       per_thread({rows_max, std::min(vocab_block, vocab)}, options);
   for (int64_t v0 = 0; v0 < vocab && num_tokens > 0; v0 += vocab_block) {
     const int64_t cols = std::min(vocab_block, vocab - v0);
-    const Tensor w = head.weight_block(v0, cols), b = head.bias_block(v0, cols);
+    const Tensor w = head.logit_weights(v0, cols), b = head.bias_block(v0, cols);
     const T* bp = b.data_ptr<T>();
     for_token_blocks(num_tokens, token_block, [&](int64_t first, int64_t last) {
       const int tid = at::get_thread_num();
       for (int64_t block = first; block < last; ++block) {
         const int64_t n0 = block * token_block, rows = std::min(token_block, num_tokens - n0);
         Tensor z = block_view(buffers[tid], rows, cols);
-        logits_into(z, head.hidden_block(n0, rows), w);
+        head.logits_into(z, head.logit_hidden(n0, rows), w);
         T* zp = z.data_ptr<T>();
         dispatch_bool(softcap.has_value(), [&](auto capped) {
           for (int64_t r = 0; r < rows; ++r) {
@@ -545,7 +572,11 @@ std::vector<Tensor> mixed_backward_impl(const Head& strong, const Head& weak,
     const std::vector<Tensor> bufs_w = per_thread({rows_max, cols_max}, options);
     for (int64_t v0 = 0; v0 < vocab; v0 += vocab_block) {
       const int64_t cols = std::min(vocab_block, vocab - v0);
+      // The gradient products take compute-dtype blocks; the logits, the bf16 kernel's panels
+      // where it serves the model.
       const Tensor w_s = strong.weight_block(v0, cols), w_w = weak.weight_block(v0, cols);
+      const Tensor lw_s = strong.bf16_kernel ? strong.logit_weights(v0, cols) : w_s;
+      const Tensor lw_w = weak.bf16_kernel ? weak.logit_weights(v0, cols) : w_w;
       const Tensor b_s = strong.bias_block(v0, cols), b_w = weak.bias_block(v0, cols);
       const T* bs = b_s.data_ptr<T>();
       const T* bw = b_w.data_ptr<T>();
@@ -559,8 +590,8 @@ std::vector<Tensor> mixed_backward_impl(const Head& strong, const Head& weak,
           const int64_t n0 = block * token_block, rows = std::min(token_block, num_tokens - n0);
           Tensor g_s = block_view(bufs_s[tid], rows, cols);
           Tensor g_w = block_view(bufs_w[tid], rows, cols);
-          logits_into(g_s, strong.hidden_block(n0, rows), w_s);
-          logits_into(g_w, weak.hidden_block(n0, rows), w_w);
+          strong.logits_into(g_s, strong.logit_hidden(n0, rows), lw_s);
+          weak.logits_into(g_w, weak.logit_hidden(n0, rows), lw_w);
           T* zs = g_s.data_ptr<T>();
           T* zw = g_w.data_ptr<T>();
           dispatch_bool(softcap.has_value(), [&](auto capped) {
@@ -656,7 +687,9 @@ struct ChunkGrads {
   bool any() const { return hidden || weight || bias; }
 
   // One [rows, cols] block of dL/da (unit upstream) at vocabulary offset v0 of the chunk whose
-  // hidden states are h_chunk (compute dtype) and h_input (the input's dtype).
+  // hidden states are h_input (the input's dtype); w_block and h_chunk are the compute-dtype
+  // weight block and chunk that float32/float64 models' products read (bf16 models read the
+  // inputs themselves).
   template <typename T>
   void accumulate(int tid, const Tensor& g, const Tensor& w_block, const Tensor& h_chunk,
                   const Tensor& h_input, const Head& head, int64_t v0) {
@@ -719,9 +752,30 @@ struct ChunkGrads {
   }
 };
 
-// A weight in the compute dtype, contiguous: the input itself when it is both already, else one
-// converted copy (half-precision or strided weights), made once rather than once per chunk.
-Tensor compute_weight(const Head& head) { return head.weight.to(head.compute).contiguous(); }
+// A model's weight cut into vocabulary blocks as the forward with the gradients reads them, made
+// once rather than once per chunk: for the logits (logit_weights' form: the bf16 kernel's
+// panels, or compute-dtype rows) and, for float32/float64 models, for the gradient products
+// (compute-dtype rows; bf16 models' gradient products read the weight itself).
+struct WeightBlocks {
+  std::vector<Tensor> logits, grads;
+
+  WeightBlocks(const Head& head, int64_t vocab_block) {
+    const int64_t vocab = head.weight.size(0);
+    // Contiguous in the compute dtype: the input itself when it is both already, else one
+    // converted copy (half-precision without the kernel, or strided weights).
+    const Tensor dense = head.bf16_kernel ? Tensor() : head.weight.to(head.compute).contiguous();
+    for (int64_t v0 = 0; v0 < vocab; v0 += vocab_block) {
+      const int64_t cols = std::min(vocab_block, vocab - v0);
+      if (head.bf16_kernel) {
+        logits.push_back(head.logit_weights(v0, cols));
+        grads.push_back(Tensor());
+      } else {
+        logits.push_back(dense.narrow(0, v0, cols));
+        grads.push_back(logits.back());
+      }
+    }
+  }
+};
 
 template <typename T>
 std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& weak,
@@ -743,7 +797,7 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
   ChunkGrads grads_s(strong, requests[0], requests[1], requests[2], rows_max);
   ChunkGrads grads_w(weak, requests[3], requests[4], requests[5], rows_max);
   if (num_tokens > 0) {
-    const Tensor weight_s = compute_weight(strong), weight_w = compute_weight(weak);
+    const WeightBlocks weight_s(strong, vocab_block), weight_w(weak, vocab_block);
     const Tensor bias_s = strong.bias_block(0, vocab), bias_w = weak.bias_block(0, vocab);
     const T* bs = bias_s.data_ptr<T>();
     const T* bw = bias_w.data_ptr<T>();
@@ -759,7 +813,7 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
 
     for (int64_t n0 = 0; n0 < num_tokens; n0 += chunk) {
       const int64_t rows = std::min(chunk, num_tokens - n0);
-      const Tensor h_s = strong.hidden_block(n0, rows), h_w = weak.hidden_block(n0, rows);
+      const Tensor h_s = strong.logit_hidden(n0, rows), h_w = weak.logit_hidden(n0, rows);
       const Tensor in_s = strong.hidden.narrow(0, n0, rows), in_w = weak.hidden.narrow(0, n0, rows);
       auto block = [&](const Tensor& buffer, int64_t v0, int64_t cols) {
         return buffer.narrow(0, rows * v0, rows * cols).view({rows, cols});
@@ -776,8 +830,8 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
         for (int64_t b = first; b < last; ++b) {
           const int64_t v0 = b * vocab_block, cols = std::min(vocab_block, vocab - v0);
           Tensor z_s = block(buffer_s, v0, cols), z_w = block(buffer_w, v0, cols);
-          logits_into(z_s, h_s, weight_s.narrow(0, v0, cols));
-          logits_into(z_w, h_w, weight_w.narrow(0, v0, cols));
+          strong.logits_into(z_s, h_s, weight_s.logits[b]);
+          weak.logits_into(z_w, h_w, weight_w.logits[b]);
           T* zs = z_s.data_ptr<T>();
           T* zw = z_w.data_ptr<T>();
           dispatch_bool(softcap.has_value(), [&](auto capped) {
@@ -846,10 +900,10 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
             }
           });
           if (need_s) {
-            grads_s.accumulate<T>(tid, g_s, weight_s.narrow(0, v0, cols), h_s, in_s, strong, v0);
+            grads_s.accumulate<T>(tid, g_s, weight_s.grads[b], h_s, in_s, strong, v0);
           }
           if (need_w) {
-            grads_w.accumulate<T>(tid, g_w, weight_w.narrow(0, v0, cols), h_w, in_w, weak, v0);
+            grads_w.accumulate<T>(tid, g_w, weight_w.grads[b], h_w, in_w, weak, v0);
           }
         }
       });
@@ -976,6 +1030,28 @@ std::vector<Tensor> mixed_backward(
                                     token_block, vocab_block);
 }
 
+// The bf16 kernel's logits h W^T ([M, V] float32) of bf16 hidden [M, d] and weight [V, d], on
+// the calling thread: the product the engine uses for bf16 models, exposed for its tests.
+Tensor bf16_logits(const Tensor& hidden, const Tensor& weight) {
+  check_cpu(hidden, "hidden");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(bf16_gemm::available(),
+              "wmss_native: the bf16 kernel is not built for this CPU (no AVX512-BF16)");
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "wmss_native: bf16_logits takes bfloat16 hidden and weight, got ",
+              hidden.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "wmss_native: bf16_logits takes hidden [M, d] and weight [V, d], got ",
+              hidden.sizes(), " and ", weight.sizes());
+  Tensor out = at::empty({hidden.size(0), weight.size(0)}, hidden.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out.zero_();
+  bf16_gemm::logits(bf16_gemm::as_pairs(hidden), bf16_gemm::pack_panels(weight), weight.size(0),
+                    out.data_ptr<float>(), out.stride(0));
+  return out;
+}
+
+bool bf16_kernel_available() { return bf16_gemm::available(); }
+
 }  // namespace wmss_native
 
 TORCH_LIBRARY(wmss_native, m) {
@@ -994,6 +1070,8 @@ TORCH_LIBRARY(wmss_native, m) {
         "Tensor max_strong, Tensor logsum_strong, Tensor max_mix, Tensor logsum_mix, "
         "Tensor coef_mix, Tensor? coef_strong, float lam, float? softcap, bool[] requests, "
         "int token_block, int vocab_block) -> Tensor[]");
+  m.def("bf16_logits(Tensor hidden, Tensor weight) -> Tensor");
+  m.def("bf16_kernel_available() -> bool", &wmss_native::bf16_kernel_available);
 }
 
 TORCH_LIBRARY_IMPL(wmss_native, CPU, m) {
@@ -1001,4 +1079,5 @@ TORCH_LIBRARY_IMPL(wmss_native, CPU, m) {
   m.impl("mixed_forward_grads", &wmss_native::mixed_forward_grads);
   m.impl("single_stats", &wmss_native::single_stats);
   m.impl("mixed_backward", &wmss_native::mixed_backward);
+  m.impl("bf16_logits", &wmss_native::bf16_logits);
 }

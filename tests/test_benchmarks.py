@@ -417,3 +417,18 @@ def test_bench_rejects_unknown_names_and_a_full_sweep_on_cpu(capsys):
     assert "unknown provider 'nope'" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_bench_help_names_every_provider_and_shape():
+    """The help lists the choices by hand (the command does not import the benchmarks to
+    parse its arguments), so a new provider or shape must be added there too."""
+    from benchmarks.shapes import ALL_SHAPES
+
+    from wmss.commands.bench import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {action.dest: action.help for action in parser._actions}
+    listed = lambda text: {name.strip(" ,") for name in text.split("(")[0].split()}
+    assert listed(helps["providers"]) == set(PROVIDERS)
+    assert listed(helps["shapes"]) == set(ALL_SHAPES)

@@ -338,6 +338,78 @@ def test_half_precision_gradients_are_as_accurate_as_their_dtype(dtype):
             assert relative_error(grad, want) <= 2.5 * rounding, (num_items, name)
 
 
+# ---- the bf16 logit kernel (csrc/bf16_gemm.h) -------------------------------------------------
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in info)
+    except OSError:
+        return False
+
+
+def test_the_bf16_kernel_is_built_where_the_cpu_has_avx512_bf16():
+    """So that on such a CPU (this project's machines) every bf16 test of the engine runs
+    through it; elsewhere bf16 models take the float32 products."""
+    assert torch.ops.wmss_native.bf16_kernel_available() == cpu_has_avx512_bf16()
+
+
+needs_bf16_kernel = pytest.mark.skipif(not cpu_has_avx512_bf16(),
+                                       reason="the bf16 kernel needs AVX512-BF16")
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("m, d, v", [
+    (1, 1, 1),        # a single pair, half of it padding
+    (7, 5, 70),       # d odd (a padded pair), a partial micro tile of rows and of columns
+    (13, 48, 64),     # one whole panel
+    (20, 1100, 130),  # d past one slice of k (512): the slices' sums add up
+    (6, 2, 0),        # no columns
+])
+def test_bf16_kernel_logits_are_float32_accurate(m, d, v):
+    """h W^T with float32 accumulation: every logit within 1e-6 of sum_k |h_k W_k| of its
+    exact value (a bf16-rounded logit would be off by ~4e-3 of it; a dropped pair or column by
+    far more)."""
+    hidden = torch.randn(m, d).bfloat16()
+    weight = torch.randn(v, d).bfloat16()
+    got = torch.ops.wmss_native.bf16_logits(hidden, weight)
+    assert got.dtype == torch.float32 and got.shape == (m, v)
+    exact = hidden.double() @ weight.double().t()
+    scale = hidden.double().abs() @ weight.double().abs().t()
+    assert ((got.double() - exact).abs() <= 1e-6 * scale).all()
+
+
+@needs_bf16_kernel
+def test_bf16_kernel_reads_strided_operands_as_contiguous_ones():
+    hidden = torch.randn(9, 2 * 33).bfloat16()[:, ::2]
+    weight = torch.randn(33, 80).bfloat16().t()
+    got = torch.ops.wmss_native.bf16_logits(hidden, weight)
+    assert torch.equal(got, torch.ops.wmss_native.bf16_logits(hidden.contiguous(),
+                                                               weight.contiguous()))
+    exact = hidden.double() @ weight.double().t()
+    assert relative_error(got, exact) < 1e-6
+
+
+@needs_bf16_kernel
+def test_bf16_kernel_names_wrong_inputs():
+    with pytest.raises(RuntimeError, match="bfloat16 hidden and weight, got Float"):
+        torch.ops.wmss_native.bf16_logits(torch.randn(2, 4), torch.randn(3, 4).bfloat16())
+    with pytest.raises(RuntimeError, match=r"hidden \[M, d\] and weight \[V, d\]"):
+        torch.ops.wmss_native.bf16_logits(torch.randn(2, 4).bfloat16(),
+                                          torch.randn(3, 5).bfloat16())
+
+
+@pytest.mark.parametrize("d", [1, 33], ids=lambda d: f"d{d}")
+def test_bf16_models_of_odd_hidden_size_match_float64(d, blocks):
+    """The kernel pads an odd hidden size by one zero: loss, statistics and gradients (from the
+    forward, and from a recomputing backward) as accurate as with an even one."""
+    inputs, labels = make_inputs(dtype=torch.bfloat16, d_strong=d, d_weak=d + 2, bias=True)
+    check_against_truth(inputs, labels, "native", torch.bfloat16, lam=0.3, softcap=5.0,
+                        gap_threshold=0.0, upstream=shared_upstream(labels))
+    check_against_truth(inputs, labels, "native", torch.bfloat16, lam=0.3,
+                        upstream=torch.rand(labels.shape))
+
+
 # ---- token_entropy --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -490,8 +562,9 @@ _STEP_PROBE = textwrap.dedent("""
     import json, sys, torch, wmss
     torch.manual_seed(0)
     n, v, d = (int(a) for a in sys.argv[1:4])
+    dtype = getattr(torch, sys.argv[4])
     # Made in place: no freed temporary under the high-water mark that the step could reuse.
-    leaf = lambda *s: torch.randn(*s).mul_(0.5).requires_grad_()
+    leaf = lambda *s: torch.randn(*s, dtype=dtype).mul_(0.5).requires_grad_()
     inputs = dict(strong_hidden=leaf(n, d), strong_weight=leaf(v, d),
                   weak_hidden=leaf(n, d), weak_weight=leaf(v, d))
     labels = torch.randint(0, v, (n,))
@@ -513,6 +586,13 @@ _STEP_PROBE = textwrap.dedent("""
 """)
 
 
+def step_growth(dtype: str, n: int, v: int, d: int) -> int:
+    out = subprocess.run([sys.executable, "-c", _STEP_PROBE, str(n), str(v), str(d), dtype],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+
+
 @pytest.mark.slow
 def test_a_training_step_holds_one_set_of_gradients_and_two_logit_chunks():
     """The forward-with-gradients bound (native_engine's module doc), at a shape where the
@@ -521,11 +601,25 @@ def test_a_training_step_holds_one_set_of_gradients_and_two_logit_chunks():
     logit chunks in the forward, and 16 MiB for the allocator and MKL. (No [N, V] either:
     test_native_backend_rss_growth_is_a_small_fraction_of_the_logits.)"""
     n, v, d = 512, 16384, 512
-    out = subprocess.run([sys.executable, "-c", _STEP_PROBE, str(n), str(v), str(d)],
-                         capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
-    growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    growth = step_growth("float32", n, v, d)
     gradients = 2 * (v * d + n * d) * 4
     chunks = 2 * native_engine.TOKEN_BLOCK * v * 4
     bound = gradients + chunks + 16 * 2**20
     assert gradients < growth < bound, (growth / 2**20, bound / 2**20)
+
+
+@needs_bf16_kernel
+@pytest.mark.slow
+def test_a_bf16_training_step_copies_no_weight_to_float32():
+    """bf16 models: the float32 accumulators of the gradients and the bf16 gradients returned,
+    the two float32 chunks, and the bf16 kernel's packed copy of each weight (the weight's own
+    bytes), never a float32 copy of a weight (twice that: 189-193 MiB here before the kernel,
+    against this bound of 179 MiB)."""
+    n, v, d = 512, 16384, 512
+    growth = step_growth("bfloat16", n, v, d)
+    accumulators = 2 * (v * d + n * d) * 4
+    returned = 2 * (v * d + n * d) * 2
+    packed = 2 * v * d * 2
+    chunks = 2 * native_engine.TOKEN_BLOCK * v * 4
+    bound = accumulators + returned + packed + chunks + 16 * 2**20
+    assert accumulators < growth < bound, (growth / 2**20, bound / 2**20)

@@ -27,13 +27,15 @@ def add_arguments(parser) -> None:
                         help="fused_loss, token_entropy (default: both)")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
                         help="naive, torch_compile, liger_concat, cce_concat, gemm_floor, "
-                             "wmss_torch, wmss_triton (default: all, but wmss_torch only on a "
-                             "CPU; unsupported ones are reported, not run)")
+                             "wmss_torch, wmss_native, wmss_triton, wmss_triton_cublas "
+                             "(default: all, but wmss_torch only on a CPU; unsupported ones are "
+                             "reported, not run)")
     parser.add_argument("--dtypes", nargs="+", metavar="NAME",
                         help="bfloat16, float32 (default: both)")
     parser.add_argument("--shapes", nargs="+", metavar="NAME",
-                        help="qwen3-4b, llama3-8b, gemma3-4b, qwen3-4b-1.7b, tiny-pair "
-                             "(default: the real model heads; tiny-pair with --quick)")
+                        help="qwen3-4b, llama3-8b, gemma3-4b, qwen3-4b-1.7b, tiny-pair, "
+                             "cpu-512 (default: the real model heads; tiny-pair with --quick; "
+                             "cpu-512, d 512 and V 32768, only when named)")
     parser.add_argument("--tokens", nargs="+", type=int, metavar="N",
                         help="token counts (default: 1024..16384 for bfloat16, 1024..4096 for "
                              "float32; 256 512 with --quick)")

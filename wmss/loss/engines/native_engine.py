@@ -92,7 +92,7 @@ CACHE_ENV = "WMSS_NATIVE_CACHE"
 
 SOURCE_DIR = Path(__file__).resolve().parents[3] / "csrc"
 SOURCES = ("fused_loss.cpp",)
-HEADERS = ("elementwise.h",)
+HEADERS = ("bf16_gemm.h", "elementwise.h")
 LIBRARY = "wmss_native"
 CFLAGS = ("-O3", "-fopenmp", "-march=native")
 LDFLAGS = ("-fopenmp",)
@@ -218,6 +218,10 @@ def _register_fakes() -> None:
         grads = [labels.new_empty(t.shape if want else (0,), dtype=dtype)
                  for t, want in zip(inputs, requests)]
         return per_token + [labels.new_empty((n,), dtype=torch.bool)] + grads
+
+    @torch.library.register_fake(f"{LIBRARY}::bf16_logits")
+    def _(hidden, weight):
+        return hidden.new_empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake(f"{LIBRARY}::single_stats")
     def _(hidden, weight, bias, labels, softcap, ignore_index, token_block, vocab_block):
