@@ -19,20 +19,23 @@
 // sums added in thread order: deterministic for a given thread count.
 //
 // Precision: logits, statistics and accumulators are float32, or float64 when either model is
-// float64 (both models then in float64), as on the torch engine. Half-precision operands are
-// converted to the compute dtype block by block (a [token_block, d] or [vocab_block, d] copy).
+// float64 (both models then in float64), as on the torch engine. The logits of a bf16 model come
+// from csrc/bf16_gemm.h where the CPU has AVX512-BF16 (bf16 operands, float32 accumulation;
+// ATen offers no such product at bf16 speed); other half-precision operands are converted to
+// the compute dtype block by block (a [token_block, d] or [vocab_block, d] copy).
 //
 // Memory besides the inputs, the O(N) statistics and the gradients: per thread two
 // [token_block, vocab_block] blocks in the compute dtype and, in the backward, a
-// [vocab_block, d] weight-gradient partial sum per trained model; one converted weight block per
-// model.
+// [vocab_block, d] weight-gradient partial sum per trained model; one converted (or, for the bf16
+// kernel, packed) weight block per model.
 //
 // A training step's forward (::mixed_forward_grads, "forward with the gradients" below) instead
 // chunks the tokens and keeps a chunk's logits over the whole vocabulary, so that it can form the
 // gradients at once: 6 products per step instead of 8.
 //
 // Registered as the torch custom ops wmss_native::mixed_forward, ::mixed_forward_grads,
-// ::mixed_backward and ::single_stats; their fake (meta) implementations are in
+// ::mixed_backward and ::single_stats (and, for tests, ::bf16_logits and
+// ::bf16_kernel_available); their fake (meta) implementations are in
 // wmss/loss/engines/native_engine.py.
 
 #include <ATen/ATen.h>
@@ -672,16 +675,31 @@ struct ChunkGrads {
   Tensor d_hidden, d_weight, d_bias;
   std::vector<Tensor> hidden_parts;  // per thread [chunk, d]
   std::vector<char> used;            // per thread: wrote its dh partial in this chunk
+  // bf16 models, per thread: a block's logit gradients in bf16 ([chunk, vocab_block]) and its
+  // two bf16 products ([chunk, d], [vocab_block, d]), written in place block after block rather
+  // than allocated per block (a quarter fewer page faults in a step at N 2048, V 32768).
+  std::vector<Tensor> g_half, product_h, product_w;
 
-  ChunkGrads(const Head& head, bool h, bool w, bool b, int64_t rows_max)
+  ChunkGrads(const Head& head, bool h, bool w, bool b, int64_t rows_max, int64_t vocab_block)
       : hidden(h), weight(w), bias(b), used(at::get_num_threads(), 0) {
     const auto compute = head.weight.options().dtype(head.compute);
+    const int64_t d = head.hidden.size(1), cols = std::min(vocab_block, head.weight.size(0));
     if (hidden) {
       d_hidden = at::zeros(head.hidden.sizes(), compute);
-      hidden_parts = per_thread({rows_max, head.hidden.size(1)}, compute);
+      hidden_parts = per_thread({rows_max, d}, compute);
     }
     if (weight) d_weight = at::zeros(head.weight.sizes(), compute);
     if (bias) d_bias = at::zeros({head.weight.size(0)}, compute);
+    if (bf16_products(head)) {
+      const auto half = head.weight.options().dtype(at::kBFloat16);
+      g_half = per_thread({rows_max * cols}, half);
+      if (hidden) product_h = per_thread({rows_max * d}, half);
+      if (weight) product_w = per_thread({cols * d}, half);
+    }
+  }
+
+  bool bf16_products(const Head& head) const {
+    return head.hidden.scalar_type() == at::kBFloat16 && (hidden || weight);
   }
 
   bool any() const { return hidden || weight || bias; }
@@ -694,14 +712,16 @@ struct ChunkGrads {
   void accumulate(int tid, const Tensor& g, const Tensor& w_block, const Tensor& h_chunk,
                   const Tensor& h_input, const Head& head, int64_t v0) {
     const int64_t rows = g.size(0), cols = g.size(1);
-    if (head.hidden.scalar_type() == at::kBFloat16 && (hidden || weight)) {
+    if (bf16_products(head)) {
       // bf16 models: the gradient products take the logit gradients rounded to bf16 and the
       // inputs as given (oneDNN's bf16 products, ~2.4x float32's speed on this CPU); each
       // block's product is rounded once to bf16 and added to the float32 accumulators.
-      const Tensor g_half = g.to(at::kBFloat16);
+      const int64_t d = head.hidden.size(1);
+      const Tensor g_bf16 = block_view(g_half[tid], rows, cols).copy_(g);
       if (hidden) {
-        Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
-        const Tensor product = at::mm(g_half, head.weight.narrow(0, v0, cols));
+        Tensor part = block_view(hidden_parts[tid], rows, d);
+        Tensor product = block_view(product_h[tid], rows, d);
+        at::mm_out(product, g_bf16, head.weight.narrow(0, v0, cols));
         if (used[tid]) {
           part.add_(product);
         } else {
@@ -709,7 +729,11 @@ struct ChunkGrads {
           used[tid] = 1;
         }
       }
-      if (weight) d_weight.narrow(0, v0, cols).add_(at::mm(g_half.t(), h_input));
+      if (weight) {
+        Tensor product = block_view(product_w[tid], cols, d);
+        at::mm_out(product, g_bf16.t(), h_input);
+        d_weight.narrow(0, v0, cols).add_(product);
+      }
     } else {
       if (hidden) {
         Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
@@ -794,8 +818,8 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
   const int64_t num_blocks = (vocab + vocab_block - 1) / vocab_block;
 
   PairOutputs<T> out(num_tokens, options);
-  ChunkGrads grads_s(strong, requests[0], requests[1], requests[2], rows_max);
-  ChunkGrads grads_w(weak, requests[3], requests[4], requests[5], rows_max);
+  ChunkGrads grads_s(strong, requests[0], requests[1], requests[2], rows_max, vocab_block);
+  ChunkGrads grads_w(weak, requests[3], requests[4], requests[5], rows_max, vocab_block);
   if (num_tokens > 0) {
     const WeightBlocks weight_s(strong, vocab_block), weight_w(weak, vocab_block);
     const Tensor bias_s = strong.bias_block(0, vocab), bias_w = weak.bias_block(0, vocab);

@@ -25,7 +25,11 @@ each block's product rounded once and added to float32 accumulators): every grad
 within 2.5x the error of the exact one rounded to bf16 (tests/test_native.py).
 
 Precision: logits, statistics and accumulators in float32, or float64 when either model is
-float64 (both then in float64): the torch engine's rule. The exp and soft-cap of the float32
+float64 (both then in float64): the torch engine's rule. A bf16 model's logits come from
+``csrc/bf16_gemm.h`` where the CPU has AVX512-BF16 (``torch.ops.wmss_native.bf16_kernel_available()``):
+bf16 operands, float32 accumulation, at oneDNN's bf16 speed (~3x float32 products on the 2-core
+AMD EPYC) and without a float32 copy of the weight; elsewhere bf16 blocks are converted to
+float32. The exp and soft-cap of the float32
 pass are polynomial (~1 ulp, the Triton kernels' soft-cap); float64 uses the C library.
 
 Memory bound: besides the inputs, the O(N) statistics and the gradients (``dh`` accumulated in
@@ -39,8 +43,9 @@ Memory bound of a training step (the forward with gradients): from the forward t
 the unit-upstream gradients of the trained inputs in the compute dtype (the size of the gradients
 the backward returns; twice their bytes for bf16/fp16 weights); during the forward, two
 ``[token_block, V]`` compute-dtype logit chunks (64 MiB at 256 x 32768 in float32), a
-``[token_block, d]`` ``dh`` partial per thread and model, and a compute-dtype copy of a weight
-that is half precision or strided. The backward scales the unit gradients in place and returns
+``[token_block, d]`` ``dh`` partial per thread and model, and a copy of each weight: the bf16
+kernel's packed panels for a bf16 model (the weight's own bytes), a compute-dtype copy of a weight
+that is half precision without the kernel or strided, none for a contiguous float32 one. The backward scales the unit gradients in place and returns
 them (eager; a second backward through a retained graph recomputes); a compiled step's backward
 scales copies, a second set until autograd frees the first. Nothing ``[N, V]``.
 
