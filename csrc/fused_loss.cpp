@@ -675,31 +675,16 @@ struct ChunkGrads {
   Tensor d_hidden, d_weight, d_bias;
   std::vector<Tensor> hidden_parts;  // per thread [chunk, d]
   std::vector<char> used;            // per thread: wrote its dh partial in this chunk
-  // bf16 models, per thread: a block's logit gradients in bf16 ([chunk, vocab_block]) and its
-  // two bf16 products ([chunk, d], [vocab_block, d]), written in place block after block rather
-  // than allocated per block (a quarter fewer page faults in a step at N 2048, V 32768).
-  std::vector<Tensor> g_half, product_h, product_w;
 
-  ChunkGrads(const Head& head, bool h, bool w, bool b, int64_t rows_max, int64_t vocab_block)
+  ChunkGrads(const Head& head, bool h, bool w, bool b, int64_t rows_max)
       : hidden(h), weight(w), bias(b), used(at::get_num_threads(), 0) {
     const auto compute = head.weight.options().dtype(head.compute);
-    const int64_t d = head.hidden.size(1), cols = std::min(vocab_block, head.weight.size(0));
     if (hidden) {
       d_hidden = at::zeros(head.hidden.sizes(), compute);
-      hidden_parts = per_thread({rows_max, d}, compute);
+      hidden_parts = per_thread({rows_max, head.hidden.size(1)}, compute);
     }
     if (weight) d_weight = at::zeros(head.weight.sizes(), compute);
     if (bias) d_bias = at::zeros({head.weight.size(0)}, compute);
-    if (bf16_products(head)) {
-      const auto half = head.weight.options().dtype(at::kBFloat16);
-      g_half = per_thread({rows_max * cols}, half);
-      if (hidden) product_h = per_thread({rows_max * d}, half);
-      if (weight) product_w = per_thread({cols * d}, half);
-    }
-  }
-
-  bool bf16_products(const Head& head) const {
-    return head.hidden.scalar_type() == at::kBFloat16 && (hidden || weight);
   }
 
   bool any() const { return hidden || weight || bias; }
@@ -712,16 +697,14 @@ struct ChunkGrads {
   void accumulate(int tid, const Tensor& g, const Tensor& w_block, const Tensor& h_chunk,
                   const Tensor& h_input, const Head& head, int64_t v0) {
     const int64_t rows = g.size(0), cols = g.size(1);
-    if (bf16_products(head)) {
+    if (head.hidden.scalar_type() == at::kBFloat16 && (hidden || weight)) {
       // bf16 models: the gradient products take the logit gradients rounded to bf16 and the
       // inputs as given (oneDNN's bf16 products, ~2.4x float32's speed on this CPU); each
       // block's product is rounded once to bf16 and added to the float32 accumulators.
-      const int64_t d = head.hidden.size(1);
-      const Tensor g_bf16 = block_view(g_half[tid], rows, cols).copy_(g);
+      const Tensor g_half = g.to(at::kBFloat16);
       if (hidden) {
-        Tensor part = block_view(hidden_parts[tid], rows, d);
-        Tensor product = block_view(product_h[tid], rows, d);
-        at::mm_out(product, g_bf16, head.weight.narrow(0, v0, cols));
+        Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
+        const Tensor product = at::mm(g_half, head.weight.narrow(0, v0, cols));
         if (used[tid]) {
           part.add_(product);
         } else {
@@ -729,11 +712,7 @@ struct ChunkGrads {
           used[tid] = 1;
         }
       }
-      if (weight) {
-        Tensor product = block_view(product_w[tid], cols, d);
-        at::mm_out(product, g_bf16.t(), h_input);
-        d_weight.narrow(0, v0, cols).add_(product);
-      }
+      if (weight) d_weight.narrow(0, v0, cols).add_(at::mm(g_half.t(), h_input));
     } else {
       if (hidden) {
         Tensor part = block_view(hidden_parts[tid], rows, hidden_parts[tid].size(1));
@@ -818,8 +797,8 @@ std::vector<Tensor> mixed_forward_grads_impl(const Head& strong, const Head& wea
   const int64_t num_blocks = (vocab + vocab_block - 1) / vocab_block;
 
   PairOutputs<T> out(num_tokens, options);
-  ChunkGrads grads_s(strong, requests[0], requests[1], requests[2], rows_max, vocab_block);
-  ChunkGrads grads_w(weak, requests[3], requests[4], requests[5], rows_max, vocab_block);
+  ChunkGrads grads_s(strong, requests[0], requests[1], requests[2], rows_max);
+  ChunkGrads grads_w(weak, requests[3], requests[4], requests[5], rows_max);
   if (num_tokens > 0) {
     const WeightBlocks weight_s(strong, vocab_block), weight_w(weak, vocab_block);
     const Tensor bias_s = strong.bias_block(0, vocab), bias_w = weak.bias_block(0, vocab);
