@@ -25,7 +25,8 @@ STYLE = {  # provider -> matplotlib line style
     "torch_compile": dict(color="tab:orange", marker="s"),
     "liger_concat": dict(color="tab:purple", marker="^"),
     "cce_concat": dict(color="tab:brown", marker="v"),
-    FLOOR: dict(color="black", marker="", linestyle="--"),
+    # A marker too: a run at one token count draws no line, only markers.
+    FLOOR: dict(color="black", marker="_", markersize=18, markeredgewidth=2, linestyle="--"),
     "wmss_torch": dict(color="tab:cyan", marker="D"),
     "wmss_native": dict(color="tab:olive", marker="D", linewidth=2.5),
     "wmss_triton": dict(color="tab:blue", marker="D", linewidth=2.5),

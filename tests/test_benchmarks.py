@@ -432,3 +432,12 @@ def test_bench_help_names_every_provider_and_shape():
     listed = lambda text: {name.strip(" ,") for name in text.split("(")[0].split()}
     assert listed(helps["providers"]) == set(PROVIDERS)
     assert listed(helps["shapes"]) == set(ALL_SHAPES)
+
+
+def test_every_provider_is_drawn_with_a_marker():
+    """A run at a single token count (the CPU engine's target shape) draws no line segments, so
+    a provider styled without a marker, the floor once, would be missing from its plot."""
+    from benchmarks.plot import STYLE
+
+    assert set(STYLE) == set(PROVIDERS)
+    assert all(style.get("marker") for style in STYLE.values()), STYLE
