@@ -21,7 +21,8 @@
 //
 // Rounding: each bf16 x bf16 product is exact in float32 and is added with float32 rounding (as
 // a float32 FMA chain over float32 copies of the operands would, in another order); denormal
-// results are flushed to zero (vdpbf16ps ignores MXCSR), far below anything a logit resolves.
+// inputs are read as zero and denormal results flushed to zero (vdpbf16ps ignores MXCSR), far
+// below anything a logit resolves.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,20 +53,29 @@ constexpr bool available() { return WMSS_HAVE_BF16_GEMM == 1; }
 inline int64_t pairs_of(int64_t k) { return (k + 1) / 2; }
 inline int64_t panels_of(int64_t rows) { return (rows + PANEL - 1) / PANEL; }
 
-// A bf16 [M, K] matrix as the [M, pairs] int32 the kernel reads (a view when its rows are
-// contiguous and K is even; else a copy padded with a zero column).
+// A bf16 [M, K] matrix as the [M, pairs] int32 the kernel reads (row stride: the result's
+// stride(0)). A view where ATen can reinterpret the bf16 values as int32 (K even, unit column
+// stride, an even row stride and an even storage offset: e.g. any row block of a contiguous
+// matrix with even K, or a column slice of even-width rows); else a contiguous copy, padded with
+// a zero column when K is odd.
 inline at::Tensor as_pairs(const at::Tensor& a) {
-  at::Tensor rows = a.contiguous();
-  if (rows.size(1) % 2 != 0) rows = at::constant_pad_nd(rows, {0, 1}, 0);
+  const int64_t m = a.size(0), k = a.size(1);
+  const bool viewable = k > 0 && k % 2 == 0 && a.stride(1) == 1 && a.stride(0) % 2 == 0 &&
+                        a.storage_offset() % 2 == 0;
+  if (viewable) return a.view(at::kInt);
+  at::Tensor rows = at::empty({m, 2 * pairs_of(k)}, a.options());
+  rows.narrow(1, 0, k).copy_(a);
+  if (k % 2 != 0) rows.narrow(1, k, 1).zero_();
   return rows.view(at::kInt);
 }
 
-// B ([rows, K] bf16, any row stride, unit column stride) packed into panels: an int32 tensor of
+// B ([rows, K] bf16, any strides) packed into panels: an int32 tensor of
 // panels_of(rows) * pairs * PANEL elements, panel q at q * pairs * PANEL; rows past `rows` and
 // the padding k are zero, so a panel's missing columns compute as zeros.
 inline at::Tensor pack_panels(const at::Tensor& b) {
   const at::Tensor pairs_view = as_pairs(b);  // [rows, pairs]
   const int64_t rows = b.size(0), pairs = pairs_view.size(1), panels = panels_of(rows);
+  const int64_t row_stride = pairs_view.stride(0);
   at::Tensor packed = at::zeros({panels * pairs * PANEL}, b.options().dtype(at::kInt));
   const int32_t* src = pairs_view.data_ptr<int32_t>();
   int32_t* dst = packed.data_ptr<int32_t>();
@@ -74,7 +84,7 @@ inline at::Tensor pack_panels(const at::Tensor& b) {
       int32_t* panel = dst + q * pairs * PANEL;
       const int64_t count = std::min(PANEL, rows - q * PANEL);
       for (int64_t j = 0; j < count; ++j) {
-        const int32_t* row = src + (q * PANEL + j) * pairs;
+        const int32_t* row = src + (q * PANEL + j) * row_stride;
         for (int64_t p = 0; p < pairs; ++p) panel[p * PANEL + j] = row[p];
       }
     }
@@ -99,7 +109,9 @@ inline void micro_tile(const int32_t* a, int64_t lda, const int32_t* panel, int6
       b[v] = (__m512bh)_mm512_loadu_si512(column + v * LANES);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512bh pair = (__m512bh)_mm512_set1_epi32(a[r * lda + p]);
+      int32_t bits;  // A's pair (k = 2p, 2p + 1) of row r, read as bytes (the storage is bf16)
+      std::memcpy(&bits, a + r * lda + p, sizeof bits);
+      const __m512bh pair = (__m512bh)_mm512_set1_epi32(bits);
       for (int v = 0; v < PANEL_VECTORS; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, b[v]);
     }
   }
@@ -136,6 +148,7 @@ inline void logits(const at::Tensor& a, const at::Tensor& packed, int64_t cols, 
                    int64_t ldc) {
 #if WMSS_HAVE_BF16_GEMM
   const int64_t m = a.size(0), pairs = a.size(1), lda = a.stride(0);
+  TORCH_CHECK(pairs > 0, "wmss_native: the bf16 kernel needs a hidden size of at least 1");
   TORCH_CHECK(packed.numel() == panels_of(cols) * pairs * PANEL,
               "wmss_native: packed panels do not match ", cols, " rows of ", pairs, " pairs");
   const int32_t* a_data = a.data_ptr<int32_t>();

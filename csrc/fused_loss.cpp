@@ -26,8 +26,9 @@
 //
 // Memory besides the inputs, the O(N) statistics and the gradients: per thread two
 // [token_block, vocab_block] blocks in the compute dtype and, in the backward, a
-// [vocab_block, d] weight-gradient partial sum per trained model; one converted (or, for the bf16
-// kernel, packed) weight block per model.
+// [vocab_block, d] weight-gradient partial sum per trained model; one converted weight block per
+// model (for the bf16 kernel a packed one, and in the backward a converted one too when the
+// hidden-state gradient is requested).
 //
 // A training step's forward (::mixed_forward_grads, "forward with the gradients" below) instead
 // chunks the tokens and keeps a chunk's logits over the whole vocabulary, so that it can form the
@@ -44,7 +45,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -93,6 +96,14 @@ at::ScalarType compute_type(const Tensor& a, const Tensor& b) {
                                                                              : at::kFloat;
 }
 
+// Whether bf16 models' logits go through csrc/bf16_gemm.h: built for this CPU (AVX512-BF16) and
+// not turned off by WMSS_NATIVE_BF16=0 (read at every call; the tests run both paths).
+bool bf16_kernel_enabled() {
+  if (!bf16_gemm::available()) return false;
+  const char* setting = std::getenv("WMSS_NATIVE_BF16");
+  return setting == nullptr || std::string(setting) != "0";
+}
+
 // One model's lm head as the loops read it: the tensors in their own dtypes and strides (each
 // block is made contiguous when taken, so a strided input costs block-sized copies, not a copy of
 // the whole input).
@@ -109,7 +120,7 @@ struct Head {
   // Detached: the products run in worker threads, whose autograd state is their own.
   Head(const Tensor& h, const Tensor& w, const std::optional<Tensor>& b, at::ScalarType c)
       : hidden(h.detach()), weight(w.detach()), compute(c),
-        bf16_kernel(bf16_gemm::available() && c == at::kFloat &&
+        bf16_kernel(bf16_kernel_enabled() && c == at::kFloat &&
                     h.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16) {
     if (b.has_value() && b->defined()) bias = b->detach();
   }
@@ -575,9 +586,12 @@ std::vector<Tensor> mixed_backward_impl(const Head& strong, const Head& weak,
     const std::vector<Tensor> bufs_w = per_thread({rows_max, cols_max}, options);
     for (int64_t v0 = 0; v0 < vocab; v0 += vocab_block) {
       const int64_t cols = std::min(vocab_block, vocab - v0);
-      // The gradient products take compute-dtype blocks; the logits, the bf16 kernel's panels
-      // where it serves the model.
-      const Tensor w_s = strong.weight_block(v0, cols), w_w = weak.weight_block(v0, cols);
+      // The logits read logit_weights (the bf16 kernel's panels where it serves the model); the
+      // hidden-state gradient, a compute-dtype block (for a kernel model only when requested).
+      auto dense = [&](const Head& head, const Grads& grads) {
+        return head.bf16_kernel && !grads.hidden ? Tensor() : head.weight_block(v0, cols);
+      };
+      const Tensor w_s = dense(strong, grads_s), w_w = dense(weak, grads_w);
       const Tensor lw_s = strong.bf16_kernel ? strong.logit_weights(v0, cols) : w_s;
       const Tensor lw_w = weak.bf16_kernel ? weak.logit_weights(v0, cols) : w_w;
       const Tensor b_s = strong.bias_block(v0, cols), b_w = weak.bias_block(v0, cols);
@@ -1043,8 +1057,9 @@ Tensor bf16_logits(const Tensor& hidden, const Tensor& weight) {
   TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
               "wmss_native: bf16_logits takes bfloat16 hidden and weight, got ",
               hidden.scalar_type(), " and ", weight.scalar_type());
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "wmss_native: bf16_logits takes hidden [M, d] and weight [V, d], got ",
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1) &&
+                  hidden.size(1) > 0,
+              "wmss_native: bf16_logits takes hidden [M, d] and weight [V, d] with d > 0, got ",
               hidden.sizes(), " and ", weight.sizes());
   Tensor out = at::empty({hidden.size(0), weight.size(0)}, hidden.options().dtype(at::kFloat));
   if (out.numel() == 0) return out.zero_();
@@ -1053,7 +1068,9 @@ Tensor bf16_logits(const Tensor& hidden, const Tensor& weight) {
   return out;
 }
 
-bool bf16_kernel_available() { return bf16_gemm::available(); }
+// Whether the engine computes bf16 models' logits with the kernel now (built for this CPU and
+// not turned off by WMSS_NATIVE_BF16=0).
+bool bf16_kernel_available() { return bf16_kernel_enabled(); }
 
 }  // namespace wmss_native
 

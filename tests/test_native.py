@@ -38,8 +38,9 @@ pytestmark = [
 ]
 
 # Blocks smaller than the test shapes (39 tokens, vocabulary 300) and dividing neither: several
-# token and vocabulary blocks, the last ones partial, so statistics merge across blocks.
-SMALL_BLOCKS = {"token_block": 16, "vocab_block": 64}
+# token and vocabulary blocks, the last ones partial, so statistics merge across blocks. 72
+# vocabulary rows are a whole panel of the bf16 kernel (64) and part of another in every block.
+SMALL_BLOCKS = {"token_block": 16, "vocab_block": 72}
 
 
 @pytest.fixture(params=["default-blocks", "small-blocks"])
@@ -51,9 +52,23 @@ def blocks(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# bf16 models take the AVX512-BF16 logit kernel where the CPU has it, float32 copies elsewhere:
+# this "dtype" runs a bf16 test on the second path (WMSS_NATIVE_BF16=0).
+BF16_AS_FLOAT32 = "bfloat16-as-float32"
+
+
+def resolve_dtype(dtype, monkeypatch) -> torch.dtype:
+    """A parametrized dtype as a torch dtype, turning the bf16 kernel off for BF16_AS_FLOAT32."""
+    if dtype == BF16_AS_FLOAT32:
+        monkeypatch.setenv(native_engine.BF16_KERNEL_ENV, "0")
+        return torch.bfloat16
+    return dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, BF16_AS_FLOAT32], ids=str)
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
-def test_loss_gradients_and_stats_match_float64(options, dtype, blocks):
+def test_loss_gradients_and_stats_match_float64(options, dtype, blocks, monkeypatch):
+    dtype = resolve_dtype(dtype, monkeypatch)
     options = dict(options)
     inputs, labels = make_inputs(dtype=dtype, bias=options.pop("bias", False))
     upstream = torch.rand(labels.shape)
@@ -212,6 +227,39 @@ def test_sliced_and_transposed_inputs_give_the_results_of_contiguous_ones():
     assert torch.equal(loss, contiguous)
 
 
+@pytest.mark.parametrize("offset, extra", [(2, 8), (3, 8), (0, 9)],
+                         ids=["even-stride", "odd-offset", "odd-stride"])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_bf16_column_slices_give_the_results_of_contiguous_inputs(offset, extra, grad,
+                                                                   monkeypatch):
+    """bf16 hidden states and weights as column slices of wider rows, with 17 tokens and 33
+    vocabulary rows in blocks of 16 (a last block of one row each): the bf16 kernel reads even
+    strides in place and copies the others, giving the contiguous inputs' results."""
+    for name in ("token_block", "vocab_block"):
+        monkeypatch.setattr(engines.engine("native"), name, 16)
+    inputs, labels = make_inputs(shape=(17,), vocab=33, d_strong=24, d_weak=16, bias=True,
+                                 dtype=torch.bfloat16)
+    options = dict(lam=0.3, softcap=5.0, gap_threshold=0.0)
+    views = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    for name, t in inputs.items():
+        if t.dim() == 2:
+            wide = torch.zeros(t.shape[0], t.shape[1] + extra, dtype=t.dtype)
+            wide[:, offset:offset + t.shape[1]] = t.detach()
+            views[name] = wide[:, offset:offset + t.shape[1]].requires_grad_()
+            assert not views[name].is_contiguous(), name
+    if grad:  # (not through run(): its clone() would make the slices contiguous)
+        want, _, want_grads = run(inputs, labels, "native", **options)
+        got = wmss.fused_loss(**views, labels=labels, backend="native", **options)
+        got.sum().backward()
+        for name in want_grads:
+            assert torch.equal(views[name].grad, want_grads[name]), name
+    else:
+        with torch.no_grad():
+            want = wmss.fused_loss(**inputs, labels=labels, backend="native", **options)
+            got = wmss.fused_loss(**views, labels=labels, backend="native", **options)
+    assert torch.equal(got, want)
+
+
 def test_results_are_deterministic():
     inputs, labels = make_inputs(bias=True)
     first, _, first_grads = run(inputs, labels, "native", gap_threshold=0.0, softcap=5.0)
@@ -252,11 +300,13 @@ class Calls:
         monkeypatch.setattr(cls, "mixed_backward", counted_backward)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, BF16_AS_FLOAT32, torch.float64],
+                         ids=str)
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
 def test_gradients_from_the_forward_match_float64(options, dtype, blocks, monkeypatch):
     """A shared upstream gradient: every gradient comes from the forward (the backward only
     scales), at each dtype's tolerance, for every option."""
+    dtype = resolve_dtype(dtype, monkeypatch)
     calls = Calls(monkeypatch)
     options = dict(options)
     inputs, labels = make_inputs(dtype=dtype, bias=options.pop("bias", False))
@@ -307,23 +357,28 @@ def test_no_gradient_work_when_no_gradient_is_needed(when, monkeypatch):
         assert torch.equal(loss, want)
 
 
-def test_a_retained_graph_gives_the_same_gradients_twice():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_retained_graph_gives_the_same_gradients_twice(dtype):
     """The first backward scales the forward's gradients in place; a second one through the
-    retained graph recomputes them rather than scaling them again."""
-    inputs, labels = make_inputs(bias=True)
+    retained graph recomputes them (every gradient: the only recomputing backward that is asked
+    for dh) rather than scaling them again."""
+    inputs, labels = make_inputs(bias=True, dtype=dtype)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
     loss = wmss.fused_loss(**leaves, labels=labels, backend="native", gap_threshold=0.0)
     loss.backward(retain_graph=True)
     first = {k: v.grad.clone() for k, v in leaves.items()}
     loss.backward()
+    # bf16: the second set comes from float32 products, the first from bf16 ones.
+    tol = 1e-6 if dtype == torch.float32 else TOLERANCES[dtype]
     for name, leaf in leaves.items():
-        assert_close(leaf.grad, 2 * first[name], 1e-6, name)
+        assert_close(leaf.grad, 2 * first[name], tol, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_gradients_are_as_accurate_as_their_dtype(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, BF16_AS_FLOAT32], ids=str)
+def test_half_precision_gradients_are_as_accurate_as_their_dtype(dtype, monkeypatch):
     """As test_fused_loss's test for the other fused backends: each gradient within 2.5x the
     error of the exact gradient rounded once to the input dtype, up to 2^16 items."""
+    dtype = resolve_dtype(dtype, monkeypatch)
     inputs, labels = make_inputs(shape=(4, 37), vocab=1000, d_strong=72, d_weak=40, dtype=dtype,
                                  bias=True, ignored=0.1)
     count = int((labels != -100).sum())
@@ -348,9 +403,10 @@ def cpu_has_avx512_bf16() -> bool:
         return False
 
 
-def test_the_bf16_kernel_is_built_where_the_cpu_has_avx512_bf16():
-    """So that on such a CPU (this project's machines) every bf16 test of the engine runs
-    through it; elsewhere bf16 models take the float32 products."""
+def test_the_bf16_kernel_is_built_where_the_cpu_has_avx512_bf16(monkeypatch):
+    """So that on such a CPU (this project's machines) the bf16 tests of the engine run through
+    it; elsewhere bf16 models take the float32 products."""
+    monkeypatch.delenv(native_engine.BF16_KERNEL_ENV, raising=False)
     assert torch.ops.wmss_native.bf16_kernel_available() == cpu_has_avx512_bf16()
 
 
@@ -364,7 +420,7 @@ needs_bf16_kernel = pytest.mark.skipif(not cpu_has_avx512_bf16(),
     (7, 5, 70),       # d odd (a padded pair), a partial micro tile of rows and of columns
     (13, 48, 64),     # one whole panel
     (20, 1100, 130),  # d past one slice of k (512): the slices' sums add up
-    (6, 2, 0),        # no columns
+    (6, 2, 0),        # no columns: an empty result
 ])
 def test_bf16_kernel_logits_are_float32_accurate(m, d, v):
     """h W^T with float32 accumulation: every logit within 1e-6 of sum_k |h_k W_k| of its
@@ -380,9 +436,20 @@ def test_bf16_kernel_logits_are_float32_accurate(m, d, v):
 
 
 @needs_bf16_kernel
-def test_bf16_kernel_reads_strided_operands_as_contiguous_ones():
-    hidden = torch.randn(9, 2 * 33).bfloat16()[:, ::2]
-    weight = torch.randn(33, 80).bfloat16().t()
+@pytest.mark.parametrize("layout", ["row-slice", "odd-offset", "one-odd-row", "every-other",
+                                    "transposed"])
+def test_bf16_kernel_reads_strided_operands_as_contiguous_ones(layout):
+    """Read in place where the bf16 pairs can be viewed as int32 (even row stride and offset),
+    copied otherwise."""
+    base_h, base_w = torch.randn(10, 40).bfloat16(), torch.randn(35, 40).bfloat16()
+    hidden, weight = {
+        "row-slice": (base_h[:, :34], base_w[:, :34]),       # even row stride 40, in place
+        "odd-offset": (base_h[1:, 1:35], base_w[2:, 3:37]),  # odd storage offsets
+        "one-odd-row": (torch.randn(3, 9).bfloat16()[1:2, :8],
+                        torch.randn(5, 9).bfloat16()[:, :8]),  # odd row stride 9
+        "every-other": (base_h[:, ::2], base_w[:, ::2]),     # column stride 2
+        "transposed": (base_h[:, :33], torch.randn(33, 70).bfloat16().t()),
+    }[layout]
     got = torch.ops.wmss_native.bf16_logits(hidden, weight)
     assert torch.equal(got, torch.ops.wmss_native.bf16_logits(hidden.contiguous(),
                                                                weight.contiguous()))
@@ -391,18 +458,37 @@ def test_bf16_kernel_reads_strided_operands_as_contiguous_ones():
 
 
 @needs_bf16_kernel
+def test_wmss_native_bf16_0_turns_the_bf16_kernel_off(monkeypatch):
+    """The float32-copy path the CPUs without the kernel take: other rounding of the logits
+    (another summation order), so other last bits of the loss, and as accurate (the accuracy
+    tests run both: BF16_AS_FLOAT32)."""
+    monkeypatch.delenv(native_engine.BF16_KERNEL_ENV, raising=False)
+    # d 520: sums of bf16 products that float32 must round (for d ~ 50 they are often exact,
+    # and then both paths give the same bits).
+    inputs, labels = make_inputs(dtype=torch.bfloat16, bias=True, d_strong=520, d_weak=520)
+    with_kernel, _, _ = run(inputs, labels, "native", lam=0.3, reduction="none")
+    monkeypatch.setenv(native_engine.BF16_KERNEL_ENV, "0")
+    assert not torch.ops.wmss_native.bf16_kernel_available()
+    without, _, _ = run(inputs, labels, "native", lam=0.3, reduction="none")
+    assert not torch.equal(with_kernel, without)
+    assert_close(with_kernel, without, 1e-5, "loss")
+
+
+@needs_bf16_kernel
 def test_bf16_kernel_names_wrong_inputs():
     with pytest.raises(RuntimeError, match="bfloat16 hidden and weight, got Float"):
         torch.ops.wmss_native.bf16_logits(torch.randn(2, 4), torch.randn(3, 4).bfloat16())
-    with pytest.raises(RuntimeError, match=r"hidden \[M, d\] and weight \[V, d\]"):
-        torch.ops.wmss_native.bf16_logits(torch.randn(2, 4).bfloat16(),
-                                          torch.randn(3, 5).bfloat16())
+    for d_hidden, d_weight in ((4, 5), (0, 0)):
+        with pytest.raises(RuntimeError, match=r"hidden \[M, d\] and weight \[V, d\] with d > 0"):
+            torch.ops.wmss_native.bf16_logits(torch.randn(2, d_hidden).bfloat16(),
+                                              torch.randn(3, d_weight).bfloat16())
 
 
-@pytest.mark.parametrize("d", [1, 33], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("d", [1, 33, 515], ids=lambda d: f"d{d}")
 def test_bf16_models_of_odd_hidden_size_match_float64(d, blocks):
-    """The kernel pads an odd hidden size by one zero: loss, statistics and gradients (from the
-    forward, and from a recomputing backward) as accurate as with an even one."""
+    """The kernel pads an odd hidden size by one zero (and walks 515 in two slices of k): loss,
+    statistics and gradients (from the forward, and from a recomputing backward) as accurate as
+    with an even one."""
     inputs, labels = make_inputs(dtype=torch.bfloat16, d_strong=d, d_weak=d + 2, bias=True)
     check_against_truth(inputs, labels, "native", torch.bfloat16, lam=0.3, softcap=5.0,
                         gap_threshold=0.0, upstream=shared_upstream(labels))
@@ -412,9 +498,11 @@ def test_bf16_models_of_odd_hidden_size_match_float64(d, blocks):
 
 # ---- token_entropy --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, BF16_AS_FLOAT32, torch.float64],
+                         ids=str)
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_token_entropy_matches_float64(dtype, softcap, blocks):
+def test_token_entropy_matches_float64(dtype, softcap, blocks, monkeypatch):
+    dtype = resolve_dtype(dtype, monkeypatch)
     inputs, labels = make_inputs(dtype=dtype, bias=True)
     expected = truth(inputs, labels, softcap=softcap)
     hidden, weight, bias = (inputs[f"strong_{part}"] for part in ("hidden", "weight", "bias"))

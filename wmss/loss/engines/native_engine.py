@@ -26,10 +26,10 @@ within 2.5x the error of the exact one rounded to bf16 (tests/test_native.py).
 
 Precision: logits, statistics and accumulators in float32, or float64 when either model is
 float64 (both then in float64): the torch engine's rule. A bf16 model's logits come from
-``csrc/bf16_gemm.h`` where the CPU has AVX512-BF16 (``torch.ops.wmss_native.bf16_kernel_available()``):
-bf16 operands, float32 accumulation, at oneDNN's bf16 speed (~3x float32 products on the 2-core
-AMD EPYC) and without a float32 copy of the weight; elsewhere bf16 blocks are converted to
-float32. The exp and soft-cap of the float32
+``csrc/bf16_gemm.h`` where the CPU has AVX512-BF16: bf16 operands, float32 accumulation, at
+oneDNN's bf16 speed (~3x float32 products on the 2-core AMD EPYC) and without a float32 copy of
+the weight. Elsewhere, or with ``WMSS_NATIVE_BF16=0``, bf16 blocks are converted to float32
+(``torch.ops.wmss_native.bf16_kernel_available()`` says which). The exp and soft-cap of the float32
 pass are polynomial (~1 ulp, the Triton kernels' soft-cap); float64 uses the C library.
 
 Memory bound: besides the inputs, the O(N) statistics and the gradients (``dh`` accumulated in
@@ -45,7 +45,8 @@ the backward returns; twice their bytes for bf16/fp16 weights); during the forwa
 ``[token_block, V]`` compute-dtype logit chunks (64 MiB at 256 x 32768 in float32), a
 ``[token_block, d]`` ``dh`` partial per thread and model, and a copy of each weight: the bf16
 kernel's packed panels for a bf16 model (the weight's own bytes), a compute-dtype copy of a weight
-that is half precision without the kernel or strided, none for a contiguous float32 one. The backward scales the unit gradients in place and returns
+that is half precision without the kernel or strided, none for a contiguous float32 or float64
+one. The backward scales the unit gradients in place and returns
 them (eager; a second backward through a retained graph recomputes); a compiled step's backward
 scales copies, a second set until autograd frees the first. Nothing ``[N, V]``.
 
@@ -94,6 +95,9 @@ from .torch_engine import TOKEN_BLOCK, VOCAB_BLOCK  # noqa: E402
 ENABLE_ENV = "WMSS_NATIVE"
 #: Environment variable: the directory the extension is built in and loaded from.
 CACHE_ENV = "WMSS_NATIVE_CACHE"
+#: Environment variable: "0" computes bf16 models' logits from float32 copies instead of the
+#: AVX512-BF16 kernel (read by the C++ code at every call).
+BF16_KERNEL_ENV = "WMSS_NATIVE_BF16"
 
 SOURCE_DIR = Path(__file__).resolve().parents[3] / "csrc"
 SOURCES = ("fused_loss.cpp",)
