@@ -149,8 +149,8 @@ struct Head {
                        : weight_block(v0, count);
   }
 
-  // The hidden rows [n0, n0 + count) as logits_into reads them: the bf16 rows viewed as pairs
-  // (no copy), or hidden_block.
+  // The hidden rows [n0, n0 + count) as logits_into reads them: the bf16 rows as pairs (in
+  // place where they can be, see bf16_gemm::as_pairs), or hidden_block.
   Tensor logit_hidden(int64_t n0, int64_t count) const {
     return bf16_kernel ? bf16_gemm::as_pairs(hidden.narrow(0, n0, count))
                        : hidden_block(n0, count);
@@ -946,28 +946,6 @@ void check_blocks(int64_t token_block, int64_t vocab_block) {
               "wmss_native: token_block and vocab_block must be positive");
 }
 
-std::vector<Tensor> mixed_forward(const Tensor& strong_hidden, const Tensor& strong_weight,
-                                  const std::optional<Tensor>& strong_bias,
-                                  const Tensor& weak_hidden, const Tensor& weak_weight,
-                                  const std::optional<Tensor>& weak_bias, const Tensor& labels,
-                                  double lam, std::optional<double> softcap,
-                                  std::optional<double> gap_threshold, int64_t ignore_index,
-                                  int64_t token_block, int64_t vocab_block) {
-  check_cpu(strong_hidden, "strong_hidden");
-  check_cpu(weak_hidden, "weak_hidden");
-  check_blocks(token_block, vocab_block);
-  const auto compute = compute_type(strong_hidden, weak_hidden);
-  const Head strong(strong_hidden, strong_weight, strong_bias, compute);
-  const Head weak(weak_hidden, weak_weight, weak_bias, compute);
-  const Tensor y = labels.to(at::kLong).contiguous();
-  if (compute == at::kDouble) {
-    return mixed_forward_impl<double>(strong, weak, y, lam, softcap, gap_threshold, ignore_index,
-                                      token_block, vocab_block);
-  }
-  return mixed_forward_impl<float>(strong, weak, y, lam, softcap, gap_threshold, ignore_index,
-                                   token_block, vocab_block);
-}
-
 std::vector<bool> request_flags(const c10::List<bool>& requests) {
   TORCH_CHECK(requests.size() == 6,
               "wmss_native: requests holds (hidden, weight, bias) for each model, got ",
@@ -977,9 +955,50 @@ std::vector<bool> request_flags(const c10::List<bool>& requests) {
   return wanted;
 }
 
-void check_bias_requests(const std::vector<bool>& wanted, const Head& strong, const Head& weak) {
-  TORCH_CHECK(!(wanted[2] && !strong.bias.defined()) && !(wanted[5] && !weak.bias.defined()),
+// What every op on the pair starts from, checked: the two heads in their compute dtype, the
+// labels as contiguous int64 and, for the ops that form gradients, the six requests.
+struct PairOperands {
+  Head strong, weak;
+  Tensor labels;
+  std::vector<bool> wanted;  // empty without requests
+
+  bool in_double() const { return strong.compute == at::kDouble; }
+};
+
+PairOperands pair_operands(const Tensor& strong_hidden, const Tensor& strong_weight,
+                           const std::optional<Tensor>& strong_bias, const Tensor& weak_hidden,
+                           const Tensor& weak_weight, const std::optional<Tensor>& weak_bias,
+                           const Tensor& labels, int64_t token_block, int64_t vocab_block,
+                           const std::optional<c10::List<bool>>& requests = std::nullopt) {
+  check_cpu(strong_hidden, "strong_hidden");
+  check_cpu(weak_hidden, "weak_hidden");
+  check_blocks(token_block, vocab_block);
+  const std::vector<bool> wanted = requests ? request_flags(*requests) : std::vector<bool>();
+  const auto compute = compute_type(strong_hidden, weak_hidden);
+  PairOperands pair{Head(strong_hidden, strong_weight, strong_bias, compute),
+                    Head(weak_hidden, weak_weight, weak_bias, compute),
+                    labels.to(at::kLong).contiguous(), wanted};
+  TORCH_CHECK(wanted.empty() || (!(wanted[2] && !pair.strong.bias.defined()) &&
+                                 !(wanted[5] && !pair.weak.bias.defined())),
               "wmss_native: a bias gradient was requested for a model without a bias");
+  return pair;
+}
+
+std::vector<Tensor> mixed_forward(const Tensor& strong_hidden, const Tensor& strong_weight,
+                                  const std::optional<Tensor>& strong_bias,
+                                  const Tensor& weak_hidden, const Tensor& weak_weight,
+                                  const std::optional<Tensor>& weak_bias, const Tensor& labels,
+                                  double lam, std::optional<double> softcap,
+                                  std::optional<double> gap_threshold, int64_t ignore_index,
+                                  int64_t token_block, int64_t vocab_block) {
+  const PairOperands p = pair_operands(strong_hidden, strong_weight, strong_bias, weak_hidden,
+                                       weak_weight, weak_bias, labels, token_block, vocab_block);
+  if (p.in_double()) {
+    return mixed_forward_impl<double>(p.strong, p.weak, p.labels, lam, softcap, gap_threshold,
+                                      ignore_index, token_block, vocab_block);
+  }
+  return mixed_forward_impl<float>(p.strong, p.weak, p.labels, lam, softcap, gap_threshold,
+                                   ignore_index, token_block, vocab_block);
 }
 
 std::vector<Tensor> mixed_forward_grads(
@@ -988,21 +1007,16 @@ std::vector<Tensor> mixed_forward_grads(
     const Tensor& weak_weight, const std::optional<Tensor>& weak_bias, const Tensor& labels,
     double lam, std::optional<double> softcap, std::optional<double> gap_threshold,
     int64_t ignore_index, c10::List<bool> requests, int64_t chunk, int64_t vocab_block) {
-  check_cpu(strong_hidden, "strong_hidden");
-  check_cpu(weak_hidden, "weak_hidden");
-  check_blocks(chunk, vocab_block);
-  const std::vector<bool> wanted = request_flags(requests);
-  const auto compute = compute_type(strong_hidden, weak_hidden);
-  const Head strong(strong_hidden, strong_weight, strong_bias, compute);
-  const Head weak(weak_hidden, weak_weight, weak_bias, compute);
-  check_bias_requests(wanted, strong, weak);
-  const Tensor y = labels.to(at::kLong).contiguous();
-  if (compute == at::kDouble) {
-    return mixed_forward_grads_impl<double>(strong, weak, y, lam, softcap, gap_threshold,
-                                            ignore_index, wanted, chunk, vocab_block);
+  const PairOperands p = pair_operands(strong_hidden, strong_weight, strong_bias, weak_hidden,
+                                       weak_weight, weak_bias, labels, chunk, vocab_block,
+                                       requests);
+  if (p.in_double()) {
+    return mixed_forward_grads_impl<double>(p.strong, p.weak, p.labels, lam, softcap,
+                                            gap_threshold, ignore_index, p.wanted, chunk,
+                                            vocab_block);
   }
-  return mixed_forward_grads_impl<float>(strong, weak, y, lam, softcap, gap_threshold,
-                                         ignore_index, wanted, chunk, vocab_block);
+  return mixed_forward_grads_impl<float>(p.strong, p.weak, p.labels, lam, softcap, gap_threshold,
+                                         ignore_index, p.wanted, chunk, vocab_block);
 }
 
 std::vector<Tensor> single_stats(const Tensor& hidden, const Tensor& weight,
@@ -1028,23 +1042,17 @@ std::vector<Tensor> mixed_backward(
     const Tensor& logsum_mix, const Tensor& coef_mix, const std::optional<Tensor>& coef_strong,
     double lam, std::optional<double> softcap, c10::List<bool> requests, int64_t token_block,
     int64_t vocab_block) {
-  check_cpu(strong_hidden, "strong_hidden");
-  check_cpu(weak_hidden, "weak_hidden");
-  check_blocks(token_block, vocab_block);
-  const std::vector<bool> wanted = request_flags(requests);
-  const auto compute = compute_type(strong_hidden, weak_hidden);
-  const Head strong(strong_hidden, strong_weight, strong_bias, compute);
-  const Head weak(weak_hidden, weak_weight, weak_bias, compute);
-  check_bias_requests(wanted, strong, weak);
-  const Tensor y = labels.to(at::kLong).contiguous();
-  if (compute == at::kDouble) {
-    return mixed_backward_impl<double>(strong, weak, y, max_strong, logsum_strong, max_mix,
-                                       logsum_mix, coef_mix, coef_strong, lam, softcap, wanted,
-                                       token_block, vocab_block);
+  const PairOperands p = pair_operands(strong_hidden, strong_weight, strong_bias, weak_hidden,
+                                       weak_weight, weak_bias, labels, token_block, vocab_block,
+                                       requests);
+  if (p.in_double()) {
+    return mixed_backward_impl<double>(p.strong, p.weak, p.labels, max_strong, logsum_strong,
+                                       max_mix, logsum_mix, coef_mix, coef_strong, lam, softcap,
+                                       p.wanted, token_block, vocab_block);
   }
-  return mixed_backward_impl<float>(strong, weak, y, max_strong, logsum_strong, max_mix,
-                                    logsum_mix, coef_mix, coef_strong, lam, softcap, wanted,
-                                    token_block, vocab_block);
+  return mixed_backward_impl<float>(p.strong, p.weak, p.labels, max_strong, logsum_strong,
+                                    max_mix, logsum_mix, coef_mix, coef_strong, lam, softcap,
+                                    p.wanted, token_block, vocab_block);
 }
 
 // The bf16 kernel's logits h W^T ([M, V] float32) of bf16 hidden [M, d] and weight [V, d], on

@@ -607,6 +607,28 @@ def test_the_forward_op_compiles_and_matches_eager():
     assert all(result == "SUCCESS" for result in fake_checked.values()), fake_checked
 
 
+def test_the_pair_ops_name_what_is_wrong_with_their_arguments():
+    """The checks every op on the pair makes before any work (the autograd layer never sends
+    these; a direct caller gets the argument named)."""
+    inputs, labels = make_inputs()
+    flat = labels.reshape(-1)
+    s = [inputs["strong_hidden"].detach().reshape(-1, 48), inputs["strong_weight"].detach(), None]
+    w = [inputs["weak_hidden"].detach().reshape(-1, 40), inputs["weak_weight"].detach(), None]
+    forward_grads = torch.ops.wmss_native.mixed_forward_grads
+    with pytest.raises(RuntimeError, match="requests holds .hidden, weight, bias. for each model"):
+        forward_grads(*s, *w, flat, 0.3, None, None, -100, [True] * 5, 16, 64)
+    with pytest.raises(RuntimeError, match="a bias gradient was requested for a model without"):
+        forward_grads(*s, *w, flat, 0.3, None, None, -100, [False, False, True] + [False] * 3,
+                      16, 64)
+    with pytest.raises(RuntimeError, match="token_block and vocab_block must be positive"):
+        torch.ops.wmss_native.mixed_forward(*s, *w, flat, 0.3, None, None, -100, 0, 64)
+    stats = torch.ops.wmss_native.mixed_forward(*s, *w, flat, 0.3, None, None, -100, 16, 64)
+    coefficients = (torch.rand(flat.shape), None)
+    with pytest.raises(RuntimeError, match="a bias gradient was requested for a model without"):
+        torch.ops.wmss_native.mixed_backward(*s, *w, flat, *stats[1:5], *coefficients, 0.3, None,
+                                             [False] * 5 + [True], 16, 64)
+
+
 def test_the_backward_and_entropy_ops_have_matching_fake_implementations():
     inputs, labels = make_inputs(bias=True, dtype=torch.bfloat16)
     flat = labels.reshape(-1)

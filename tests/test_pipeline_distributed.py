@@ -182,6 +182,16 @@ def assert_trained_with(out, kind):
         assert report["parallelism"] == {"type": kind, "processes": PROCESSES}, stage
 
 
+def assert_a_sharded_run_saved_whole_models(run, out, base, data, kind):
+    """A launched run that trained as ``kind`` (sharded models) and still saved every model whole
+    and merged every process's selection scores."""
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert_trained_with(out, kind)
+    for stage in ("sft", "round-1"):
+        assert_a_complete_model(out / stage / "model", base)
+    assert_scores_are_the_whole_data_set_in_order(out, base, data)
+
+
 def assert_a_complete_model(folder, like):
     """A model folder with every tensor at its full shape (not a shard, not ZeRO-3's 0 elements)
     and trained weights (not those of ``like``, the model the run started from)."""
@@ -291,11 +301,7 @@ def test_wmss_train_under_deepspeed_zero3_saves_whole_models(workspace):
     out = root / "zero3"
     run = launch(out, base, data, "--deepspeed", str(config),
                  program=(WORKER, "deepspeed-on-cpu"))
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert_trained_with(out, "DEEPSPEED")
-    for stage in ("sft", "round-1"):
-        assert_a_complete_model(out / stage / "model", base)
-    assert_scores_are_the_whole_data_set_in_order(out, base, data)
+    assert_a_sharded_run_saved_whole_models(run, out, base, data, "DEEPSPEED")
 
 
 @pytest.mark.slow
@@ -309,8 +315,4 @@ def test_wmss_train_under_fsdp2_saves_whole_models(workspace):
     out = root / "fsdp2"
     run = launch(out, base, data, "--cpu", "--fsdp", EXAMPLE_FSDP2,
                  program=(WORKER, "fsdp-on-cpu"))
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert_trained_with(out, "FSDP")
-    for stage in ("sft", "round-1"):
-        assert_a_complete_model(out / stage / "model", base)
-    assert_scores_are_the_whole_data_set_in_order(out, base, data)
+    assert_a_sharded_run_saved_whole_models(run, out, base, data, "FSDP")
