@@ -151,15 +151,15 @@ def _clear_grads(inputs: dict) -> None:
 
 
 def provider_outputs(provider: Provider, problem: Problem, inputs: dict) -> dict:
-    """One call of ``provider`` on ``inputs`` with fresh gradients: ``loss`` and the four
-    gradients (``fused_loss``) or ``entropy`` (``token_entropy``); the inputs' gradients are
-    cleared again afterwards."""
+    """One call of ``provider`` on ``inputs`` with fresh gradients: ``loss`` and the gradients of
+    the leaves it trains (``fused_loss``: all four, or ``provider.trains``) or ``entropy``
+    (``token_entropy``); the inputs' gradients are cleared again afterwards."""
     _clear_grads(inputs)
     try:
         if problem.kernel == "fused_loss":
             loss = provider.loss(problem, inputs)
             loss.backward()
-            return {"loss": loss.detach(), **{k: inputs[k].grad for k in LEAVES}}
+            return {"loss": loss.detach(), **{k: inputs[k].grad for k in provider.trains}}
         return {"entropy": provider.entropy(problem, inputs)}
     finally:
         _clear_grads(inputs)
@@ -174,10 +174,12 @@ def reference(problem: Problem, inputs: dict) -> Reference:
 
 def check(provider: Provider, problem: Problem, inputs: dict,
           ref: Optional[Reference] = None) -> CheckResult:
-    """Run ``provider`` once on ``inputs`` and judge each output by the rule (module doc);
-    ``ref`` is computed here when not given (pass it to judge several providers on one point)."""
+    """Run ``provider`` once on ``inputs`` and judge each output it computes by the rule (module
+    doc): the loss and the gradients of the leaves it trains, or the entropies. ``ref`` is
+    computed here when not given (pass it to judge several providers on one point)."""
     ref = reference(problem, inputs) if ref is None else ref
     got = provider_outputs(provider, problem, inputs)
-    outputs = {k: OutputError(relative_error(got.get(k), exact), ref.plain_errors[k])
-               for k, exact in ref.exact.items()}
+    judged = ("loss", *provider.trains) if problem.kernel == "fused_loss" else tuple(ref.exact)
+    outputs = {k: OutputError(relative_error(got.get(k), ref.exact[k]), ref.plain_errors[k])
+               for k in judged}
     return CheckResult(outputs, problem.tokens)

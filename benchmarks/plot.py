@@ -31,6 +31,8 @@ STYLE = {  # provider -> matplotlib line style
     "wmss_native": dict(color="tab:olive", marker="D", linewidth=2.5),
     "wmss_triton": dict(color="tab:blue", marker="D", linewidth=2.5),
     "wmss_triton_cublas": dict(color="tab:green", marker="D"),
+    "wmss_stats": dict(color="tab:blue", marker="x", linestyle=":"),
+    "wmss_frozen_weak": dict(color="tab:gray", marker="x", linestyle=":"),
 }
 LEGEND_INCHES = 2.0  # room on the right for the legend
 METRICS = (("speed", "time, p50 (ms)"), ("memory", "peak memory above inputs (MB)"))

@@ -94,6 +94,7 @@ class Provider:
     package: Optional[str] = None  # import name of an optional dependency
     checked = True  # whether its result can be checked against the truth
     measures_memory = True
+    trains = LEAVES  # the leaves its fused_loss step computes gradients for (the ones checked)
 
     def implements(self, kernel: str) -> bool:
         return kernel in self.kernels
@@ -387,7 +388,59 @@ def _logit_source(source: str):
         config.LOGIT_SOURCE = saved
 
 
+# ---- wmss options, against the plain call of the same backend ---------------------------------
+
+def default_wmss(device_type: str) -> str:
+    """The wmss provider of the backend ``fused_loss`` picks by default on ``device_type``
+    (``backend="auto"``: Triton on CUDA, the native engine on CPUs)."""
+    return "wmss_triton" if device_type == "cuda" else "wmss_native"
+
+
+class _WmssOption(WmssTorch):
+    """``wmss.fused_loss`` on the default backend's provider (``default_wmss``) with one option
+    set: the report's targets compare the two."""
+
+    kernels = ("fused_loss",)
+
+    def unsupported(self, problem):
+        return PROVIDERS[default_wmss(problem.device.type)].unsupported(problem)
+
+    def options(self) -> dict:
+        raise NotImplementedError
+
+    def loss(self, problem, inputs):
+        backend = PROVIDERS[default_wmss(problem.device.type)].backend
+        return wmss.fused_loss(*(inputs[k] for k in LEAVES), inputs["labels"], lam=problem.lam,
+                               softcap=problem.softcap, backend=backend, **self.options())
+
+
+class WmssStats(_WmssOption):
+    """``return_stats=True``: the per-token entropies, log-probs and mixed mask come from the
+    same pass (WD-DS and the trainer's logging ask for them every step)."""
+
+    name = "wmss_stats"
+
+    def options(self):
+        return {"return_stats": True}
+
+    def loss(self, problem, inputs):
+        loss, _stats = super().loss(problem, inputs)
+        return loss
+
+
+class WmssFrozenWeak(_WmssOption):
+    """``train_weak=False``: the weak model is frozen, so no gradient reaches it and its products
+    are skipped (the strong model's two gradients are the ones checked)."""
+
+    name = "wmss_frozen_weak"
+    trains = ("strong_hidden", "strong_weight")
+
+    def options(self):
+        return {"train_weak": False}
+
+
 PROVIDERS = {p.name: p for p in (Naive(), TorchCompile(), LigerConcat(), CCEConcat(), GemmFloor(),
-                                 WmssTorch(), WmssNative(), WmssTriton(), WmssTritonCublas())}
+                                 WmssTorch(), WmssNative(), WmssTriton(), WmssTritonCublas(),
+                                 WmssStats(), WmssFrozenWeak())}
 PEERS = ("naive", "torch_compile", "liger_concat", "cce_concat")  # what wmss is compared against
 FLOOR = "gemm_floor"

@@ -1,9 +1,11 @@
 """Markdown tables from a results CSV: each provider's p50 time and peak memory, and wmss's ratios
 against the best peer and against ``gemm_floor``.
 
-``wmss`` in the ratios is ``wmss_triton`` (the default configuration) when the CSV has figures
-for it (a GPU run), else ``wmss_torch``; ``wmss_triton_cublas`` (the other logit source) has its
-own column. Every ratio is wmss / other: below 1, wmss is faster (or leaner). The best peer
+``wmss`` in the ratios is the default backend's provider: ``wmss_triton`` when the CSV has
+figures for it (a GPU run), else ``wmss_native`` (a CPU run with the native engine), else
+``wmss_torch``; ``wmss_triton_cublas`` (the other logit source) has its own column. The targets
+table (``shapes.TARGETS``: the GPU issue's) gives each target's ratio at every point and whether
+it is met. Every ratio is wmss / other: below 1, wmss is faster (or leaner). The best peer
 is the fastest (or leanest) of naive, torch_compile, liger_concat and cce_concat at that point,
 named next to the ratio. Points are (kernel, mode, shape, dtype, inputs, tokens): each input
 mode (``gaussian``, ``realistic``) is its own row. Only the latest run of each (kernel, provider,
@@ -18,10 +20,20 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 from . import csvio
-from .providers import FLOOR, LEAVES, PEERS, PROVIDERS
-from .shapes import ALL_SHAPES, ERROR_FACTOR, ERROR_FLOOR, INPUT_MODES, KERNEL_MODES
+from .providers import FLOOR, LEAVES, PEERS, PROVIDERS, default_wmss
+from .shapes import (
+    ALL_SHAPES,
+    DTYPES,
+    ERROR_FACTOR,
+    ERROR_FLOOR,
+    INPUT_MODES,
+    KERNEL_MODES,
+    TARGETS,
+    Target,
+)
 
 # The mode that answers "what does a training step cost" for each kernel.
 HEADLINE_MODE = {"fused_loss": "full", "token_entropy": "forward"}
@@ -86,8 +98,9 @@ class Table:
             target[(point, provider)] = csvio.figure(row)
         self.providers = [p for p in PROVIDERS
                           if any(k[1] == p for k in (*self.ms, *self.status))]
-        has_triton = any(p == "wmss_triton" for _, p in self.ms)
-        self.wmss = "wmss_triton" if has_triton else "wmss_torch"
+        measured = {p for _, p in self.ms}
+        self.wmss = next((p for p in ("wmss_triton", "wmss_native") if p in measured),
+                         "wmss_torch")
 
     def cell(self, point, provider) -> str:
         ms = self.ms.get((point, provider))
@@ -156,11 +169,54 @@ class Table:
             lines.append(_table_row(cells))
         return "\n".join(lines) if keys else ""
 
+    def target_ratio(self, target: Target, point) -> Optional[float]:
+        """``target``'s ratio at ``point`` (shape, dtype, inputs, tokens), or None unmeasured."""
+        full_point = (target.kernel, target.mode, *point)
+        figures = self.ms if target.metric == "speed" else self.mb
+        default = default_wmss("cpu" if self.device == "cpu" else "cuda")
+        name = lambda provider: default if provider == "wmss" else provider  # noqa: E731
+        numerator = figures.get((full_point, name(target.numerator)))
+        if target.denominator == "gradients":
+            denominator = gradient_mb(*point[:2], point[3])
+        else:
+            denominator = figures.get((full_point, name(target.denominator)))
+        if numerator is None or not denominator:
+            return None
+        return numerator / denominator
+
+    def targets_markdown(self) -> str:
+        """One row per (shape, dtype, inputs, tokens) with any target measured: each target's
+        ratio and whether it is met (``shapes.TARGETS``)."""
+        header = ["shape", "dtype", "inputs", "tokens",
+                  *(f"{name} (≤ {t.limit:g})" for name, t in TARGETS.items())]
+        lines = [_table_row(header), "|" + " --- |" * len(header)]
+        points = sorted({p[2:] for p in self.points},
+                        key=lambda p: (_order(p[0], ALL_SHAPES), p[1], _order(p[2], INPUT_MODES),
+                                       p[3]))
+        for point in points:
+            ratios = [(self.target_ratio(t, point), t.limit) for t in TARGETS.values()]
+            if all(r is None for r, _ in ratios):
+                continue
+            cells = ["—" if r is None else f"{r:.2f} {'met' if r <= limit else 'missed'}"
+                     for r, limit in ratios]
+            lines.append(_table_row([*point[:3], str(point[3]), *cells]))
+        return "\n".join(lines) if len(lines) > 2 else ""
+
     def notes_markdown(self) -> str:
         lines = []
         for (provider, status, detail), where in sorted(self.notes.items()):
             lines.append(f"- `{provider}` {status} ({', '.join(sorted(where))}): {detail}")
         return "\n".join(lines)
+
+
+def gradient_mb(shape: str, dtype: str, tokens: int) -> Optional[float]:
+    """MB (2^20 bytes) of the four gradients of a ``fused_loss`` step at a point (None for a
+    shape this checkout does not define)."""
+    head = ALL_SHAPES.get(shape)
+    if head is None or dtype not in DTYPES:
+        return None
+    elements = (tokens + head.vocab) * (head.d_strong + head.d_weak)
+    return elements * DTYPES[dtype].itemsize / 2**20
 
 
 def _table_row(cells) -> str:
@@ -223,6 +279,11 @@ def summary_markdown(rows: list[dict]) -> str:
         if points:
             parts.append(f"**{kernel}, {mode}** (largest token count measured)\n\n"
                          + table.markdown(points))
+    targets = table.targets_markdown()
+    if targets:
+        parts.append(f"**Targets** (`{default_wmss('cpu' if table.device == 'cpu' else 'cuda')}`; "
+                     f"a ratio at or below its limit is met; `gradients`: the bytes of the four "
+                     f"gradients)\n\n" + targets)
     return "\n\n".join(parts)
 
 

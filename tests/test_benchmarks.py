@@ -384,6 +384,93 @@ def test_report_ratios_against_best_peer_and_floor():
     assert "4 ms · 10 MB" in cells
 
 
+def test_targets_give_each_ratio_and_verdict_on_the_default_backend():
+    """The GPU issue's targets, from one run's rows (qwen3-4b bf16: 16384 x 2 x 2560 + 151936 x
+    2 x 2560 gradient elements, 1563.8 MB in bf16)."""
+    gradients = (16384 + 151936) * 2 * 2560 * 2 / 2**20
+    rows = [_row("gemm_floor", "speed", 100, x=16384), _row("liger_concat", "speed", 130, x=16384),
+            _row("wmss_triton", "speed", 140, x=16384),
+            _row("wmss_triton", "memory", 1.05 * gradients, x=16384),
+            _row("wmss_stats", "speed", 146, x=16384),  # 1.043: missed
+            _row("wmss_frozen_weak", "speed", 100, x=16384),  # 0.714: met
+            _row("wmss_native", "speed", 1, x=16384),  # a CPU provider: not the GPU's default
+            {**_row("gemm_floor", "speed", 10, x=16384, mode="forward"),
+             "kernel": "token_entropy"},
+            {**_row("wmss_triton", "speed", 13.5, x=16384, mode="forward"),
+             "kernel": "token_entropy"}]
+    assert report.gradient_mb("qwen3-4b", "bfloat16", 16384) == pytest.approx(gradients)
+    text = report.summary_markdown(rows)
+    header, _, line = [r for r in text.split("**Targets**")[1].splitlines() if r.startswith("|")]
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                     [c.strip() for c in line.strip("|").split("|")]))
+    assert cells == {"shape": "qwen3-4b", "dtype": "bfloat16", "inputs": "gaussian",
+                     "tokens": "16384", "full step / gemm_floor (≤ 1.5)": "1.40 met",
+                     "full step / liger_concat (≤ 1)": "1.08 missed",
+                     "peak memory / gradients (≤ 1.1)": "1.05 met",
+                     "return_stats / plain (≤ 1.03)": "1.04 missed",
+                     "frozen weak / full step (≤ 0.75)": "0.71 met",
+                     "token_entropy / one product (≤ 1.3)": "1.35 missed"}
+    # On a CPU the default backend is the native engine, in the targets and the ratios alike.
+    cpu_rows = [{**r, "device": "cpu", "provider": r["provider"].replace("triton", "native")}
+                for r in rows if r["provider"] != "wmss_native"]
+    cpu_text = report.summary_markdown(cpu_rows)
+    assert "1.40 met" in cpu_text and "wmss_native / gemm_floor" in cpu_text
+
+
+def _option_inputs(problem):
+    inputs = make_inputs(problem, seed=0)
+    return inputs, [PROVIDERS[name] for name in ("wmss_stats", "wmss_frozen_weak")]
+
+
+def test_frozen_weak_trains_the_strong_model_only_and_is_checked_on_it():
+    problem = Problem("fused_loss", TINY, torch.float32, 64, CPU)
+    inputs, (_, frozen) = _option_inputs(problem)
+    step = frozen.make_step(problem, inputs, "full")
+    step.run()
+    assert inputs["strong_hidden"].grad is not None and inputs["strong_weight"].grad is not None
+    assert inputs["weak_hidden"].grad is None and inputs["weak_weight"].grad is None
+    result = check(frozen, problem, inputs)
+    assert result.ok and set(result.outputs) == {"loss", "strong_hidden", "strong_weight"}
+
+
+def test_the_stats_provider_asks_for_the_statistics_and_returns_the_plain_loss(monkeypatch):
+    import wmss
+
+    problem = Problem("fused_loss", TINY, torch.float32, 64, CPU)
+    inputs, (stats, _) = _option_inputs(problem)
+    calls = []
+    fused_loss = wmss.fused_loss
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return fused_loss(*args, **kwargs)
+
+    monkeypatch.setattr(wmss, "fused_loss", spy)
+    got = stats.loss(problem, inputs)
+    assert [c.get("return_stats") for c in calls] == [True]
+    assert calls[0]["backend"] == PROVIDERS["wmss_native"].backend
+    expected = PROVIDERS["wmss_native"].loss(problem, inputs)
+    assert got.shape == () and torch.equal(got, expected)
+
+
+def test_the_option_providers_are_measured_beside_the_plain_call():
+    providers = [PROVIDERS[name] for name in ("wmss_native", "wmss_stats", "wmss_frozen_weak")]
+    rows = run_group(providers, "fused_loss", TINY, torch.float32, (64,), ("full",), CPU,
+                     Recorder(CPU), lambda line: None)
+    if providers[0].unsupported(Problem("fused_loss", TINY, torch.float32, 64, CPU)):
+        assert {json.loads(r["config"])["status"] for r in rows} == {"unsupported"}
+        return
+    speeds = {r["provider"]: r for r in rows if r["metric"] == "speed"}
+    assert set(speeds) == {p.name for p in providers}
+    assert all(json.loads(r["config"])["status"] == "ok" and float(r["p50"]) > 0
+               for r in speeds.values())
+    checked = json.loads(speeds["wmss_frozen_weak"]["config"])["check"]["error"]
+    assert set(checked) == {"loss", "strong_hidden", "strong_weight"}
+    line = next(r for r in report.summary_markdown(rows).split("**Targets**")[1].splitlines()
+                if r.startswith("| tiny-pair"))
+    assert line.count(" met") + line.count(" missed") == 3  # memory, stats, frozen weak
+
+
 def test_csv_appends_atomically_and_report_uses_the_latest_run(tmp_path):
     path = tmp_path / "dev.csv"
     old = _row("naive", "speed", 10)

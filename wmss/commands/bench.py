@@ -27,9 +27,11 @@ def add_arguments(parser) -> None:
                         help="fused_loss, token_entropy (default: both)")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
                         help="naive, torch_compile, liger_concat, cce_concat, gemm_floor, "
-                             "wmss_torch, wmss_native, wmss_triton, wmss_triton_cublas "
-                             "(default: all, but wmss_torch only on a CPU; unsupported ones are "
-                             "reported, not run)")
+                             "wmss_torch, wmss_native, wmss_triton, wmss_triton_cublas, "
+                             "wmss_stats, wmss_frozen_weak (default: all, but wmss_torch only on "
+                             "a CPU, and wmss_stats and wmss_frozen_weak, the default backend "
+                             "with return_stats=True or train_weak=False, only on CUDA; "
+                             "unsupported ones are reported, not run)")
     parser.add_argument("--dtypes", nargs="+", metavar="NAME",
                         help="bfloat16, float32 (default: both)")
     parser.add_argument("--shapes", nargs="+", metavar="NAME",
