@@ -35,9 +35,20 @@ def _logits(h, w, b, softcap):
     return z
 
 
+@dataclass(frozen=True)
+class GapDecisions:
+    """What the computation under test decided under gap masking, and from what: its ``mixed``
+    mask and both models' entropies (any shape with one entry per token)."""
+
+    mixed: torch.Tensor
+    entropy_strong: torch.Tensor
+    entropy_weak: torch.Tensor
+
+
 def truth(inputs: dict, labels: torch.Tensor, *, lam: float = 0.5, softcap: Optional[float] = None,
           gap_threshold: Optional[float] = None, ignore_index: int = -100,
-          upstream: Optional[torch.Tensor] = None, train_weak: bool = True) -> Truth:
+          upstream: Optional[torch.Tensor] = None, train_weak: bool = True,
+          decisions: Optional[GapDecisions] = None) -> Truth:
     """Evaluate the mixed loss in float64.
 
     Args:
@@ -45,6 +56,12 @@ def truth(inputs: dict, labels: torch.Tensor, *, lam: float = 0.5, softcap: Opti
             ``strong_bias``/``weak_bias``; any dtype (upcast here), hidden states ``(..., d)``.
         labels: ``(...)`` targets.
         upstream: per-token weights of the loss whose gradients are returned (default: ones).
+        decisions: under gap masking, the computation under test's decisions. A token whose
+            float64 gap ``H_weak - H_strong`` lies within twice that computation's own entropy
+            error on the token (``|dH_strong| + |dH_weak|``) of the threshold can fall either
+            side in its precision (a float32 entropy near log V carries ~1e-6 of rounding), so
+            the truth takes its decision there; every other token keeps the float64 decision,
+            which the computation must then match exactly.
     """
     x = {k: v.detach().double().requires_grad_(not (k.startswith("weak") and not train_weak))
          for k, v in inputs.items() if v is not None}
@@ -62,7 +79,11 @@ def truth(inputs: dict, labels: torch.Tensor, *, lam: float = 0.5, softcap: Opti
     ent_w = -(lp_w.exp() * lp_w).sum(-1)
     mixed = supervised.clone()
     if gap_threshold is not None:
-        mixed &= (ent_w - ent_s).detach() >= gap_threshold
+        gap = (ent_w - ent_s).detach()
+        mixed &= gap >= gap_threshold
+        if decisions is not None:
+            mixed = torch.where(_ambiguous(decisions, ent_s, ent_w, gap, gap_threshold),
+                                decisions.mixed.reshape(-1).to(mixed.device) & supervised, mixed)
     zero = torch.zeros((), dtype=torch.float64)
     loss = torch.where(mixed, -tok_m, torch.where(supervised, -tok_s, zero))
     weights = torch.ones_like(loss) if upstream is None else upstream.reshape(-1).double()
@@ -73,6 +94,15 @@ def truth(inputs: dict, labels: torch.Tensor, *, lam: float = 0.5, softcap: Opti
 
     return Truth(loss.detach(), masked(ent_s), masked(ent_w), masked(tok_s), masked(tok_w),
                  masked(tok_m), mixed, {k: v.grad for k, v in x.items()})
+
+
+def _ambiguous(decisions: GapDecisions, ent_s, ent_w, gap, threshold: float) -> torch.Tensor:
+    """Tokens whose float64 gap is within twice the computed entropies' error of ``threshold``."""
+    def error(got, exact):
+        return (got.detach().reshape(-1).to(exact.device, torch.float64) - exact.detach()).abs()
+
+    slack = 2 * (error(decisions.entropy_strong, ent_s) + error(decisions.entropy_weak, ent_w))
+    return (gap - threshold).abs() <= slack
 
 
 @dataclass

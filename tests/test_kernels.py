@@ -7,7 +7,7 @@ each of them (tiny tiles, many splits, many chunks, ragged edges) and compare wi
 import pytest
 import torch
 from conftest import DEVICE, TRITON_AVAILABLE, assert_close, make_inputs
-from oracle import truth
+from oracle import GapDecisions, truth
 
 from wmss.loss.engines.contract import GradRequest, MixedLossSpec, ModelInputs, TokenCoefficients
 from wmss.loss.engines.torch_engine import TorchEngine
@@ -49,9 +49,14 @@ def upstream_coefficients(stats, labels, spec):
                                        None if spec.gap_threshold is None else coef_strong)
 
 
+def decisions_of(stats) -> GapDecisions:
+    return GapDecisions(stats.mixed, stats.entropy_strong, stats.entropy_weak)
+
+
 def check(spec, stats, grads, inputs, labels, upstream, tol):
     expected = truth(inputs, labels, lam=spec.lam, softcap=spec.softcap,
-                     gap_threshold=spec.gap_threshold, upstream=upstream)
+                     gap_threshold=spec.gap_threshold, upstream=upstream,
+                     decisions=decisions_of(stats))
     assert_close(stats.loss, expected.loss, tol, "loss")
     assert_close(stats.entropy_strong, expected.entropy_strong, tol, "entropy_strong", atol=1e-6)
     assert_close(stats.entropy_weak, expected.entropy_weak, tol, "entropy_weak", atol=1e-6)
@@ -160,7 +165,8 @@ def test_l2_groups_of_any_size_cover_every_tile_once(tiles_per_group, spec, dtyp
     upstream, coefficients = upstream_coefficients(stats, labels, spec)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     expected = truth(inputs, labels, lam=spec.lam, softcap=spec.softcap,
-                     gap_threshold=spec.gap_threshold, upstream=upstream)
+                     gap_threshold=spec.gap_threshold, upstream=upstream,
+                     decisions=decisions_of(stats))
     none = GradRequest(False, False, False)
     # Both trained; the weak model frozen; the strong one frozen (only the weak trained).
     for strong_request, weak_request in ((ALL, ALL), (ALL, none), (none, ALL)):
