@@ -23,8 +23,8 @@ Three launches:
 
 Positions whose label is ``ignore_index`` get 0 in every field. ``HAS_LABELS=False``: every
 position is scored and none has a target (the contract's meaning of labels None). Tiles are the
-forward statistics' (``config.stats_tiles``; float32 with hidden slices of at most
-``FP32_MAX_BLOCK_D``); the ``"cublas"`` logit source is not used here (the kernels always
+forward statistics' (``config.stats_tiles``; float32 with at most ``FP32_MAX_BLOCK_N`` tokens
+and hidden slices of at most ``FP32_MAX_BLOCK_D``); the ``"cublas"`` logit source is not used here (the kernels always
 compute their tiles).
 """
 
@@ -52,11 +52,19 @@ _P_M, _P_S, _P_T, _P_SUM, _P_MAX, _P_ABOVE = (tl.constexpr(row) for row in range
 NUM_PARTIALS = 6
 # Floating outputs [NUM_FLOAT_OUTPUTS, tokens], in the order of LogitTokenStats without ``rank``.
 NUM_FLOAT_OUTPUTS = 7
-# Hidden-dimension slice of the target-logit kernel (elementwise products, no tl.dot).
-TARGET_BLOCK_D = 64
+# Token rows and hidden-dimension slice of the target-logit kernel (elementwise products, no
+# tl.dot; it reads each hidden row once), whatever the statistics kernels' tiles. ptxas spills
+# 16-24 B in some variants of this small kernel at 64x64 (triton 3.6, sm_80), 64x32 and 32x64
+# (triton 3.9, sm_90); 32x32 and 16x64 build every variant without a spill under both.
+TARGET_BLOCK_N = 32
+TARGET_BLOCK_D = 32
 # With float32 operands (held in registers by IEEE/TF32 dots) the non-target statistics leave
-# too few registers for config's 32-wide hidden slices on sm_80 (ptxas spills 12-20 B in the
-# labelled variants, compile gate, triton 3.9): float32 tiles take at most this slice.
+# too few registers for config's float32 stats tiles: 32-wide hidden slices spill 12-20 B on sm_80
+# (the labelled variants, compile gate, triton 3.9), and 64x64x16 at 8 warps still spills 12-28 B
+# in 3 (sm_90) and 8 (sm_80) of the 16 variants under triton 3.6, the GPU image's. Float32 tiles
+# take at most these: 32x64x16 at 8 warps builds every variant without a spill on sm_80 and sm_90
+# under triton 3.6 and 3.9 (103-106 registers; 64x32x16 does too).
+FP32_MAX_BLOCK_N = 32
 FP32_MAX_BLOCK_D = 16
 
 
@@ -232,19 +240,20 @@ def logit_token_stats(
     if tiles is None:
         tiles = config.stats_tiles(hidden.dtype, config.device_arch(device))
         if hidden.dtype == torch.float32:
-            tiles = dataclasses.replace(tiles, block_d=min(tiles.block_d, FP32_MAX_BLOCK_D))
+            tiles = dataclasses.replace(tiles, block_n=min(tiles.block_n, FP32_MAX_BLOCK_N),
+                                        block_d=min(tiles.block_d, FP32_MAX_BLOCK_D))
     has_labels = labels is not None
     labels_arg = labels if has_labels else rank  # never read without labels
     bias_arg = bias if bias is not None else weight  # never read without a bias
     cap = float(softcap or 1.0)
-    token_tiles = triton.cdiv(num_tokens, tiles.block_n)
     z_target = torch.empty(num_tokens, device=device, dtype=torch.float32)
-    _target_logit_kernel[(token_tiles,)](
+    _target_logit_kernel[(triton.cdiv(num_tokens, TARGET_BLOCK_N),)](
         hidden, weight, bias_arg, labels_arg, z_target, num_tokens, dim, hidden.stride(0),
         weight.stride(0), ignore_index, cap,
         HAS_LABELS=has_labels, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        BLOCK_N=tiles.block_n, BLOCK_D=TARGET_BLOCK_D,
+        BLOCK_N=TARGET_BLOCK_N, BLOCK_D=TARGET_BLOCK_D,
     )
+    token_tiles = triton.cdiv(num_tokens, tiles.block_n)
     group_size = min(config.token_tiles_per_group(tiles.block_n, dim * hidden.element_size()),
                      token_tiles)  # no larger than the grid (int32 program ids)
     splits, vocab_per_split = _choose_splits(num_tokens, vocab, tiles, device, num_splits,
