@@ -1,16 +1,20 @@
-"""Training steps of the fused loss for a profiler: warm-up steps, then one step inside an NVTX range.
+"""Training steps of the fused loss for a profiler: warm-up steps, then one profiled step.
 
 ``python -m benchmarks.profile_step [--shape qwen3-4b] [--tokens 4096] [--dtype bfloat16]``
 
 The step is the benchmark's ``full`` step (forward and backward of ``wmss.fused_loss`` on the
 inputs ``wmss bench`` draws) on the provider of the default backend (``wmss_triton`` on CUDA).
-The warm-up steps compile the kernels outside the range, so a profiler that keeps to the range
+The warm-up steps compile the kernels first; the last step runs between ``cudaProfilerStart``
+and ``cudaProfilerStop`` (``torch.cuda.profiler``), so a profiler started with collection off
 sees one step's kernels and no compilation, for example Nsight Compute:
 
-    ncu --nvtx --nvtx-include "step/" --launch-count 12 python -m benchmarks.profile_step
+    ncu --profile-from-start off --launch-count 12 python -m benchmarks.profile_step
 
-On a CPU (``--device cpu``) there is no NVTX range: the steps run and are timed, which checks
-the options and the step on a machine without a GPU.
+Not an NVTX range: NVTX push/pop ranges belong to the thread that opens them, and autograd
+launches the backward's kernels from its own device thread.
+
+On a CPU (``--device cpu``) nothing is profiled: the steps run and are timed, which checks the
+options and the step on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from .inputs import make_inputs
 from .providers import PROVIDERS, Problem, default_wmss
 from .shapes import ALL_SHAPES, DTYPES, INPUT_MODES, SEED
 
-RANGE = "step"  # the NVTX range around the profiled step
 WARMUP_STEPS = 2
 
 
@@ -60,15 +63,16 @@ def _synchronize(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _nvtx_range(device: torch.device):
+def _profiled(device: torch.device):
+    """Profiler collection on around the block (CUDA), from every thread of the process."""
     if device.type != "cuda":
         yield
         return
-    torch.cuda.nvtx.range_push(RANGE)
+    torch.cuda.profiler.start()
     try:
         yield
     finally:
-        torch.cuda.nvtx.range_pop()
+        torch.cuda.profiler.stop()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -88,13 +92,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profiled = index == WARMUP_STEPS
         _synchronize(device)
         start = time.perf_counter()
-        with _nvtx_range(device) if profiled else contextlib.nullcontext():
+        with _profiled(device) if profiled else contextlib.nullcontext():
             step.run()
             _synchronize(device)
         if not profiled:
             label = "warm-up"
         else:
-            label = f"in NVTX range {RANGE!r}" if device.type == "cuda" else "last"
+            label = "profiled" if device.type == "cuda" else "last"
         print(f"{provider.name} {args.shape} {args.dtype} N={args.tokens} step {index} ({label}): "
               f"{(time.perf_counter() - start) * 1e3:.1f} ms", flush=True)
     return 0

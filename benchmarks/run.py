@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -140,8 +141,16 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
+# Set where the checkout has no .git (a copy of the working tree on a GPU machine): the version
+# recorded instead (benchmarks/gpu_session.sh --prepare writes it from the checkout).
+VERSION_VARIABLE = "WMSS_BENCH_VERSION"
+
+
 def version_string() -> str:
-    """``wmss.__version__`` plus the checkout's short commit (``.dirty`` with local changes)."""
+    """``wmss.__version__`` plus the checkout's short commit (``.dirty`` with local changes), or
+    ``$WMSS_BENCH_VERSION`` when set."""
+    if os.environ.get(VERSION_VARIABLE):
+        return os.environ[VERSION_VARIABLE]
     try:
         def git(*argv):
             return subprocess.run(["git", "-C", str(REPO_ROOT), *argv], capture_output=True,
