@@ -58,8 +58,12 @@ prepare() {
     fi
     mkdir -p .git/info
     grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
-    "$PYTHON" -c "from benchmarks.run import version_string; print(version_string())" \
-        > "$VERSION_FILE" || return
+    # benchmarks.run.version_string's form: wmss's version, +g<commit>, .dirty with local changes.
+    local version
+    version="$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' wmss/__init__.py)"
+    version+="+g$(git rev-parse --short HEAD)" || return
+    [ -z "$(git status --porcelain --untracked-files=no)" ] || version+=".dirty"
+    echo "$version" > "$VERSION_FILE"
     echo "version $(cat "$VERSION_FILE")"
     ls -l .whl
 }
