@@ -17,7 +17,8 @@ same command. Modules:
 * ``run``: the sweep; ``csvio``: the results CSV; ``report``: markdown tables, with the GPU
   issue's targets; ``plot``: PNGs; ``merge``: fold a CSV measured on another machine into
   ``results/``.
-* ``profile_step``: warm-up steps, then one step inside an NVTX range, for Nsight Compute.
+* ``profile_step``: warm-up steps, then one step between ``cudaProfilerStart`` and
+  ``cudaProfilerStop``, for Nsight Compute.
 * ``gpu_session.sh``: the GPU issue's measurements in one device command (tests, the benchmark,
   a profile), each stage under a time limit.
 

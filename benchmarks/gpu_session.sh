@@ -6,7 +6,8 @@
 # hangs; the later stages still run.
 #
 #   here, before the call: bash benchmarks/gpu_session.sh --prepare
-#   on the device:         run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#   on the device:         run(command="bash benchmarks/gpu_session.sh", carry=[".whl"],
+#                              timeout_s=600)
 #   here, dry run:         bash benchmarks/gpu_session.sh --dry-run   (every stage tiny, on the CPU)
 #
 # --prepare downloads the peers the device's image lacks (liger-kernel, cut-cross-entropy; pure

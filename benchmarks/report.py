@@ -101,6 +101,8 @@ class Table:
         measured = {p for _, p in self.ms}
         self.wmss = next((p for p in ("wmss_triton", "wmss_native") if p in measured),
                          "wmss_torch")
+        # The provider "wmss" stands for in the targets: the default backend's on this device.
+        self.default_wmss = default_wmss("cpu" if self.device == "cpu" else "cuda")
 
     def cell(self, point, provider) -> str:
         ms = self.ms.get((point, provider))
@@ -173,13 +175,13 @@ class Table:
         """``target``'s ratio at ``point`` (shape, dtype, inputs, tokens), or None unmeasured."""
         full_point = (target.kernel, target.mode, *point)
         figures = self.ms if target.metric == "speed" else self.mb
-        default = default_wmss("cpu" if self.device == "cpu" else "cuda")
-        name = lambda provider: default if provider == "wmss" else provider  # noqa: E731
-        numerator = figures.get((full_point, name(target.numerator)))
+        names = {"wmss": self.default_wmss}
+        numerator = figures.get((full_point, names.get(target.numerator, target.numerator)))
         if target.denominator == "gradients":
             denominator = gradient_mb(*point[:2], point[3])
         else:
-            denominator = figures.get((full_point, name(target.denominator)))
+            denominator = figures.get(
+                (full_point, names.get(target.denominator, target.denominator)))
         if numerator is None or not denominator:
             return None
         return numerator / denominator
@@ -281,7 +283,7 @@ def summary_markdown(rows: list[dict]) -> str:
                          + table.markdown(points))
     targets = table.targets_markdown()
     if targets:
-        parts.append(f"**Targets** (`{default_wmss('cpu' if table.device == 'cpu' else 'cuda')}`; "
+        parts.append(f"**Targets** (`{table.default_wmss}`; "
                      f"a ratio at or below its limit is met; `gradients`: the bytes of the four "
                      f"gradients)\n\n" + targets)
     return "\n\n".join(parts)

@@ -147,7 +147,6 @@ CPU_WARMUP_CALLS = 0
 CPU_REPEATS = 5
 
 
-
 @dataclass(frozen=True)
 class Target:
     """A ratio of two figures at one point and the most it may be (met when at or below)."""

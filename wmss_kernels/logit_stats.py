@@ -24,8 +24,8 @@ Three launches:
 Positions whose label is ``ignore_index`` get 0 in every field. ``HAS_LABELS=False``: every
 position is scored and none has a target (the contract's meaning of labels None). Tiles are the
 forward statistics' (``config.stats_tiles``; float32 with at most ``FP32_MAX_BLOCK_N`` tokens
-and hidden slices of at most ``FP32_MAX_BLOCK_D``); the ``"cublas"`` logit source is not used here (the kernels always
-compute their tiles).
+and hidden slices of at most ``FP32_MAX_BLOCK_D``); the ``"cublas"`` logit source is not used
+here (the kernels always compute their tiles).
 """
 
 from __future__ import annotations
